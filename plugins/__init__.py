@@ -1,0 +1,4 @@
+"""Built-in certwarden plugins."""
+
+from __future__ import annotations
+
