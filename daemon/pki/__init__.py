@@ -1,4 +1,3 @@
 """The easy-rsa compatible PKI: layout, index, store and CA operations."""
 
 from __future__ import annotations
-

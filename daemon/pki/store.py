@@ -1,0 +1,518 @@
+"""The PKI directory in easy-rsa 3.x layout: reading it safely, writing it crash-safely.
+
+Reads never trust file contents: a bad file becomes a one-line problem naming it, and a listing
+goes on. Writes go through :class:`Transaction`: new files are staged under temporary names and
+synced, a journal records every rename and index.txt change, then they are applied. After a
+crash, :meth:`PKIStore.recover` replays the journal, so a kill -9 at any moment leaves a PKI that
+both certwarden and ``openssl ca`` read, with no certificate lost and no serial reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from certwarden.atomicfile import (
+    Move,
+    StagedFiles,
+    apply_moves,
+    fsync_dir,
+    is_temporary,
+    write_atomic,
+)
+from certwarden.errors import (
+    InsecurePermissions,
+    MalformedFile,
+    NotFound,
+    PKIError,
+)
+from certwarden.pki.index import (
+    IndexEntry,
+    ParsedIndex,
+    format_date,
+    format_line,
+    format_serial,
+    parse_date,
+    parse_index,
+    parse_line,
+)
+from certwarden.pki.lock import PKILock
+from certwarden.pki.model import CertRecord, Profile, Reason, Status
+from certwarden.pki.names import validate_name
+from certwarden.pki.x509 import PrivateKey, load_certificate, load_private_key, profile_of
+
+# Folders easy-rsa 3.1.0 creates (renewed/ and its children appear on the first renew).
+FOLDERS = (
+    "private",
+    "issued",
+    "reqs",
+    "certs_by_serial",
+    "revoked",
+    "revoked/certs_by_serial",
+    "revoked/private_by_serial",
+    "revoked/reqs_by_serial",
+    "renewed",
+    "renewed/issued",
+    "renewed/private",
+    "renewed/reqs",
+)
+META_DIR = ".certwarden"  # certwarden's own bookkeeping inside the PKI; easy-rsa ignores it
+MAX_FILE_SIZE = 1 << 20  # certificates, keys and requests are a few KiB; refuse garbage
+INDEX_RETRY_SECONDS = 2.0  # openssl ca renames index.txt away for a moment while it writes
+
+
+@dataclass(frozen=True, slots=True)
+class CertMeta:
+    """What index.txt does not hold about a certificate, cached by serial (never changes)."""
+
+    name: str
+    profile: Profile
+    not_before: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """Every certificate of the PKI, oldest first, and the problems met while reading it."""
+
+    records: list[CertRecord]
+    problems: list[str]
+
+    def current(self, name: str) -> CertRecord | None:
+        for record in reversed(self.records):
+            if record.name == name and record.current:
+                return record
+        return None
+
+    def by_serial(self, serial: str) -> CertRecord | None:
+        for record in self.records:
+            if record.serial == serial:
+                return record
+        return None
+
+    def of_name(self, name: str) -> list[CertRecord]:
+        return [record for record in self.records if record.name == name]
+
+
+@dataclass
+class Transaction:
+    """A set of changes to the PKI applied all together or, after a crash, replayed."""
+
+    staged: StagedFiles = field(default_factory=StagedFiles)
+    moves: list[Move] = field(default_factory=list)
+    removals: list[Path] = field(default_factory=list)
+    index_lines: list[str] = field(default_factory=list)  # upserted by serial
+    meta: dict[str, CertMeta] = field(default_factory=dict)
+    next_serial: str | None = None
+
+
+class PKIStore:
+    """One easy-rsa PKI directory."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        ca_passphrase: bytes | None = None,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        self.root = Path(root).absolute()
+        self.ca_passphrase = ca_passphrase
+        self.lock = PKILock(self.root, timeout=lock_timeout)
+        self._meta: dict[str, CertMeta] | None = None
+
+    # ---- paths -------------------------------------------------------------------------
+
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.root / "ca.crt"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.root / "private" / "ca.key"
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.txt"
+
+    @property
+    def crl_pem_path(self) -> Path:
+        return self.root / "crl.pem"
+
+    @property
+    def crl_der_path(self) -> Path:
+        return self.root / "crl.der"
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / META_DIR
+
+    @property
+    def journal_path(self) -> Path:
+        return self.meta_dir / "journal.json"
+
+    def cert_path(self, name: str) -> Path:
+        return self.root / "issued" / f"{validate_name(name)}.crt"
+
+    def key_path(self, name: str) -> Path:
+        return self.root / "private" / f"{validate_name(name)}.key"
+
+    def req_path(self, name: str) -> Path:
+        return self.root / "reqs" / f"{validate_name(name)}.req"
+
+    def by_serial_path(self, serial: str) -> Path:
+        return self.root / "certs_by_serial" / f"{serial}.pem"
+
+    def relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def exists(self) -> bool:
+        return self.ca_cert_path.is_file() and self.index_path.exists()
+
+    def require(self) -> None:
+        if not self.root.is_dir():
+            raise NotFound(f"{self.root}: no such PKI directory; create one with `certwarden init`")
+        if not self.ca_cert_path.is_file():
+            raise NotFound(
+                f"{self.ca_cert_path}: missing; is {self.root} an easy-rsa PKI with a CA? "
+                "(`certwarden init` or `easyrsa build-ca`)"
+            )
+
+    # ---- safe reading ------------------------------------------------------------------
+
+    def read_file(self, path: Path) -> bytes:
+        """Read a small file of the PKI, refusing symlinks that lead out of it."""
+        where = self.relative(path)
+        real = Path(os.path.realpath(path))
+        root = Path(os.path.realpath(self.root))
+        if real != root and root not in real.parents:
+            raise PKIError(
+                f"{where}: is a link to {real}, outside the PKI; replace it with the file itself"
+            )
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_FILE_SIZE + 1)
+        except FileNotFoundError:
+            raise NotFound(f"{where}: does not exist") from None
+        except IsADirectoryError:
+            raise MalformedFile(f"{where}: is a folder, expected a file") from None
+        except PermissionError:
+            raise PKIError(f"{where}: permission denied; run as the PKI's owner") from None
+        if len(data) > MAX_FILE_SIZE:
+            raise MalformedFile(f"{where}: larger than {MAX_FILE_SIZE} bytes; not a PKI file")
+        return data
+
+    def load_cert(self, path: Path) -> x509.Certificate:
+        return load_certificate(self.read_file(path), self.relative(path))
+
+    def ca_certificate(self) -> x509.Certificate:
+        self.require()
+        return self.load_cert(self.ca_cert_path)
+
+    def ca_key(self) -> PrivateKey:
+        path = self.ca_key_path
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise NotFound(
+                f"{self.relative(path)}: missing; this host cannot sign (is it the CA host?)"
+            ) from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise InsecurePermissions(
+                f"{path}: readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                f"run `chmod 600 {path}` and check who may have copied it"
+            )
+        return load_private_key(self.read_file(path), self.relative(path), self.ca_passphrase)
+
+    def read_index(self) -> ParsedIndex:
+        deadline = time.monotonic() + INDEX_RETRY_SECONDS
+        while True:
+            try:
+                data = self.index_path.read_bytes()
+                break
+            except FileNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise NotFound(
+                        f"{self.index_path}: missing; restore index.txt from index.txt.old "
+                        "or a backup"
+                    ) from None
+                time.sleep(0.02)
+        text = data.decode("utf-8", errors="replace")
+        return parse_index(text, "index.txt")
+
+    def current_crl(self) -> x509.CertificateRevocationList | None:
+        try:
+            data = self.read_file(self.crl_pem_path)
+        except NotFound:
+            return None
+        try:
+            return x509.load_pem_x509_crl(data)
+        except ValueError:
+            raise MalformedFile(
+                "crl.pem: not a readable CRL; regenerate it with `certwarden crl`"
+            ) from None
+
+    # ---- the inventory -------------------------------------------------------------------
+
+    def _load_meta(self) -> dict[str, CertMeta]:
+        if self._meta is not None:
+            return self._meta
+        meta: dict[str, CertMeta] = {}
+        path = self.meta_dir / "meta.tsv"
+        with contextlib.suppress(FileNotFoundError):
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                fields = line.split("\t")
+                if len(fields) != 4:
+                    continue  # a cache: a torn line is simply re-derived
+                serial, name, profile, not_before = fields
+                try:
+                    meta[serial] = CertMeta(
+                        name,
+                        Profile(profile),
+                        parse_date(not_before) if not_before else None,
+                    )
+                except ValueError:
+                    continue
+        self._meta = meta
+        return meta
+
+    def _append_meta(self, items: dict[str, CertMeta]) -> None:
+        if not items:
+            return
+        self.meta_dir.mkdir(mode=0o700, exist_ok=True)
+        text = "".join(
+            f"{serial}\t{m.name}\t{m.profile.value}\t"
+            f"{format_date(m.not_before) if m.not_before else ''}\n"
+            for serial, m in items.items()
+        )
+        # One O_APPEND write per batch: concurrent appenders never interleave inside it.
+        fd = os.open(
+            self.meta_dir / "meta.tsv", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+        if self._meta is not None:
+            self._meta.update(items)
+
+    def _cert_file_for(self, entry: IndexEntry) -> Path | None:
+        cn = entry.common_name
+        candidates = [
+            self.root / "certs_by_serial" / f"{entry.serial}.pem",
+            self.root / "revoked" / "certs_by_serial" / f"{entry.serial}.crt",
+            self.root / "expired" / f"{cn}.crt",
+        ]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        for folder in ("issued", "renewed/issued"):
+            candidate = self.root / folder / f"{cn}.crt"
+            if candidate.is_file():
+                with contextlib.suppress(PKIError):
+                    if format_serial(self.load_cert(candidate).serial_number) == entry.serial:
+                        return candidate
+        return None
+
+    def _derive_meta(self, entry: IndexEntry, problems: list[str]) -> CertMeta | None:
+        path = self._cert_file_for(entry)
+        if path is None:
+            problems.append(
+                f"certificate {entry.serial} ({entry.subject}): no file found in "
+                "certs_by_serial/, issued/ or revoked/; its profile is unknown"
+            )
+            return None
+        try:
+            cert = self.load_cert(path)
+        except PKIError as exc:
+            problems.append(str(exc))
+            return None
+        return CertMeta(entry.common_name, profile_of(cert), cert.not_valid_before_utc)
+
+    def inventory(self, now: datetime | None = None) -> Inventory:
+        """Every certificate in index.txt with its status computed from the dates."""
+        now = now or datetime.now(UTC)
+        parsed = self.read_index()
+        problems = list(parsed.problems)
+        meta = self._load_meta()
+        derived: dict[str, CertMeta] = {}
+        records: list[CertRecord] = []
+        last_live: dict[str, int] = {}
+        for entry in parsed.entries:
+            info = meta.get(entry.serial)
+            if info is None:
+                info = self._derive_meta(entry, problems)
+                if info is not None:
+                    derived[entry.serial] = info
+            name = info.name if info else entry.common_name
+            if entry.status == "R":
+                status = Status.REVOKED
+            elif entry.not_after <= now:
+                status = Status.EXPIRED
+            else:
+                status = Status.VALID
+            if status is not Status.REVOKED:
+                last_live[name] = len(records)
+            records.append(
+                CertRecord(
+                    name=name,
+                    serial=entry.serial,
+                    status=status,
+                    not_after=entry.not_after,
+                    not_before=info.not_before if info else None,
+                    revoked_at=entry.revoked_at,
+                    reason=entry.reason,
+                    profile=info.profile if info else Profile.UNKNOWN,
+                    subject=entry.subject,
+                    current=False,
+                )
+            )
+        for position in last_live.values():
+            records[position] = replace(records[position], current=True)
+        with contextlib.suppress(OSError):
+            self._append_meta(derived)  # best effort: a read-only PKI still lists
+        if self.journal_path.exists():
+            problems.append(
+                "an interrupted certwarden write is pending; the next write (or "
+                "`certwarden list --repair`) completes it"
+            )
+        return Inventory(records, problems)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def transaction(self) -> Transaction:
+        return Transaction()
+
+    def commit(self, tx: Transaction) -> None:
+        """Apply ``tx``: sync staged files, journal, rename, update index.txt, drop journal.
+
+        The caller holds the lock. If anything fails before the journal is written, the staged
+        files are removed and the PKI is unchanged.
+        """
+        if not self.lock.held:
+            raise RuntimeError("PKIStore.commit() called without holding the PKI lock")
+        try:
+            tx.staged.sync()
+            # Old files leave before new ones arrive: renew moves issued/NAME.crt away first.
+            moves = [*tx.moves, *tx.staged.moves]
+            journal = {
+                "moves": [move.as_json() for move in moves],
+                "removals": [str(path) for path in tx.removals],
+                "index": tx.index_lines,
+                "serial": tx.next_serial,
+            }
+            self.meta_dir.mkdir(mode=0o700, exist_ok=True)
+            write_atomic(self.journal_path, json.dumps(journal).encode(), 0o600)
+        except BaseException:
+            tx.staged.discard()
+            raise
+        self._append_meta(tx.meta)
+        self._apply(moves, tx.removals, tx.index_lines, tx.next_serial, replay=False)
+        self.journal_path.unlink()
+        fsync_dir(self.meta_dir)
+
+    def _apply(
+        self,
+        moves: list[Move],
+        removals: Iterable[Path],
+        index_lines: list[str],
+        next_serial: str | None,
+        *,
+        replay: bool,
+    ) -> None:
+        apply_moves(moves, replay=replay)
+        folders = set()
+        for path in removals:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                folders.add(path.parent)
+        for folder in folders:
+            fsync_dir(folder)
+        if index_lines:
+            self._upsert_index(index_lines)
+        if next_serial is not None:
+            write_atomic(self.root / "serial", f"{next_serial}\n".encode(), 0o600)
+
+    def _upsert_index(self, lines: list[str]) -> None:
+        """Replace lines with the same serial, append the others; keep unparsable lines."""
+        by_serial: dict[str, str] = {}
+        for line in lines:
+            by_serial[line.split("\t")[3]] = line
+        try:
+            current = self.index_path.read_text(encoding="utf-8", errors="surrogateescape")
+        except FileNotFoundError:
+            current = ""
+        out: list[str] = []
+        for line in current.splitlines():
+            fields = line.split("\t")
+            if len(fields) == 6 and fields[3] in by_serial:
+                out.append(by_serial.pop(fields[3]))
+            elif line:
+                out.append(line)  # never drop what we cannot read: it may be the operator's
+        out.extend(line for line in lines if line.split("\t")[3] in by_serial)
+        data = "".join(f"{line}\n" for line in out).encode("utf-8", errors="surrogateescape")
+        write_atomic(self.index_path, data, 0o600)
+
+    def recover(self) -> bool:
+        """Finish an interrupted write and remove orphaned temporary files (lock held).
+
+        Returns True if a journal was replayed.
+        """
+        if not self.lock.held:
+            raise RuntimeError("PKIStore.recover() called without holding the PKI lock")
+        replayed = False
+        if self.journal_path.exists():
+            try:
+                journal = json.loads(self.journal_path.read_text(encoding="utf-8"))
+                moves = [Move.from_json(item) for item in journal["moves"]]
+                removals = [Path(item) for item in journal["removals"]]
+                index_lines = [str(line) for line in journal["index"]]
+                next_serial = journal.get("serial")
+            except (ValueError, KeyError, TypeError):
+                # The journal is written atomically, so a bad one was not written by us.
+                raise MalformedFile(
+                    f"{self.journal_path}: unreadable journal; inspect the PKI, then delete it"
+                ) from None
+            for line in index_lines:
+                parse_line(line, "journal")  # refuse to write a line openssl could not read
+            self._apply(moves, removals, index_lines, next_serial, replay=True)
+            self.journal_path.unlink()
+            replayed = True
+        for folder in (self.root, *(self.root / name for name in FOLDERS), self.meta_dir):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                for entry in os.scandir(folder):
+                    if is_temporary(entry.name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+        return replayed
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the PKI lock and complete any interrupted write before a new one."""
+        with self.lock:
+            self.meta_dir.mkdir(mode=0o700, exist_ok=True)
+            self.recover()
+            self._meta = None  # another process may have written since we last read
+            yield
+
+
+def index_line(
+    status: str,
+    serial: str,
+    not_after: datetime,
+    subject: str,
+    revoked_at: datetime | None = None,
+    reason: Reason | None = None,
+) -> str:
+    return format_line(IndexEntry(status, not_after, revoked_at, reason, serial, subject))

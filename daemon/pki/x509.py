@@ -1,0 +1,419 @@
+"""X.509 building blocks on ``cryptography``: keys, certificates, CRLs, and safe loading.
+
+Nothing here touches the PKI directory; :mod:`certwarden.pki.store` decides where bytes go.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+    PrivateKeyTypes,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from certwarden.errors import MalformedFile, UsageError
+from certwarden.pki.index import format_serial
+from certwarden.pki.model import KeyType, Profile, Reason
+
+PrivateKey = CertificateIssuerPrivateKeyTypes
+# Certificates are backdated a little so a client whose clock runs slow still accepts them.
+BACKDATE = timedelta(minutes=1)
+
+_REASON_FLAGS = {
+    Reason.UNSPECIFIED: x509.ReasonFlags.unspecified,
+    Reason.KEY_COMPROMISE: x509.ReasonFlags.key_compromise,
+    Reason.CA_COMPROMISE: x509.ReasonFlags.ca_compromise,
+    Reason.AFFILIATION_CHANGED: x509.ReasonFlags.affiliation_changed,
+    Reason.SUPERSEDED: x509.ReasonFlags.superseded,
+    Reason.CESSATION_OF_OPERATION: x509.ReasonFlags.cessation_of_operation,
+    Reason.CERTIFICATE_HOLD: x509.ReasonFlags.certificate_hold,
+}
+_REASON_EXTENSIONS = {
+    reason: x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(flag))
+    for reason, flag in _REASON_FLAGS.items()
+}
+
+
+def generate_key(key_type: KeyType) -> PrivateKey:
+    match key_type:
+        case KeyType.EC_P256:
+            return ec.generate_private_key(ec.SECP256R1())
+        case KeyType.EC_P384:
+            return ec.generate_private_key(ec.SECP384R1())
+        case KeyType.RSA_2048 | KeyType.RSA_3072 | KeyType.RSA_4096:
+            return rsa.generate_private_key(65537, int(key_type.value.split("-")[1]))
+        case KeyType.ED25519:
+            return ed25519.Ed25519PrivateKey.generate()
+    raise UsageError(f"key type {key_type!r} is not supported")
+
+
+def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | None:
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None  # EdDSA hashes internally
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def key_to_pem(key: PrivateKeyTypes, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def new_serial(taken: set[str]) -> int:
+    """A random 128-bit serial like easy-rsa's, never one in ``taken`` (hex strings)."""
+    while True:
+        serial = secrets.randbits(128)
+        if serial >= 1 << 64 and format_serial(serial) not in taken:
+            return serial
+
+
+def load_certificate(data: bytes, where: str) -> x509.Certificate:
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise MalformedFile(
+            f"{where}: not a readable certificate ({_first_line(exc)}); restore it from "
+            "certs_by_serial/ or a backup, or remove it"
+        ) from None
+
+
+def load_csr(data: bytes, where: str) -> x509.CertificateSigningRequest:
+    try:
+        if b"-----BEGIN" in data:
+            csr = x509.load_pem_x509_csr(data)
+        else:
+            csr = x509.load_der_x509_csr(data)
+    except ValueError as exc:
+        raise MalformedFile(f"{where}: not a readable certificate request ({exc})") from None
+    if not csr.is_signature_valid:
+        raise MalformedFile(f"{where}: the request's signature does not match its key")
+    return csr
+
+
+def load_private_key(data: bytes, where: str, passphrase: bytes | None = None) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError:
+        if passphrase is None:
+            raise MalformedFile(
+                f"{where}: the key is encrypted; give its passphrase file "
+                "(--ca-passphrase-file or [pki] ca_passphrase_file)"
+            ) from None
+        raise MalformedFile(
+            f"{where}: the key is not encrypted but a passphrase was given"
+        ) from None
+    except ValueError:
+        # Deliberately no detail: the message of a failed decryption may echo key material.
+        raise MalformedFile(
+            f"{where}: cannot read the private key (wrong passphrase or not a PEM key)"
+        ) from None
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
+        raise MalformedFile(f"{where}: unsupported key type {type(key).__name__}")
+    return key
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def profile_of(cert: x509.Certificate) -> Profile:
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return Profile.CA
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return Profile.UNKNOWN
+    server = ExtendedKeyUsageOID.SERVER_AUTH in usages
+    client = ExtendedKeyUsageOID.CLIENT_AUTH in usages
+    if server and client:
+        return Profile.SERVER_CLIENT
+    if server:
+        return Profile.SERVER
+    if client:
+        return Profile.CLIENT
+    return Profile.UNKNOWN
+
+
+def parse_san(text: str) -> x509.GeneralName:
+    """``DNS:host``, ``IP:addr`` or ``email:addr`` (easy-rsa's --san syntax)."""
+    kind, sep, value = text.partition(":")
+    kind = kind.strip().lower()
+    value = value.strip()
+    if not sep or not value:
+        raise UsageError(f"SAN {text!r}: write it as DNS:name, IP:address or email:address")
+    if kind == "dns":
+        if any(ch.isspace() or ch in "/\\" for ch in value):
+            raise UsageError(f"SAN {text!r}: not a DNS name")
+        return x509.DNSName(value)
+    if kind == "ip":
+        try:
+            return x509.IPAddress(ipaddress.ip_address(value))
+        except ValueError:
+            raise UsageError(f"SAN {text!r}: not an IPv4 or IPv6 address") from None
+    if kind == "email":
+        if "@" not in value or any(ch.isspace() for ch in value):
+            raise UsageError(f"SAN {text!r}: not an email address")
+        return x509.RFC822Name(value)
+    raise UsageError(f"SAN {text!r}: type must be DNS, IP or email")
+
+
+def sans_of(cert: x509.Certificate) -> list[x509.GeneralName]:
+    try:
+        return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return []
+
+
+def subject_for(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def slash_subject(name: x509.Name) -> str:
+    """OpenSSL's one-line form (``/CN=alice``), as index.txt holds it."""
+    parts = []
+    for rdn in name.rdns:
+        for attr in rdn:
+            short = attr.rfc4514_attribute_name
+            parts.append(f"/{short}={attr.value!s}")
+    return "".join(parts)
+
+
+def build_ca(key: PrivateKey, common_name: str, now: datetime, days: int) -> x509.Certificate:
+    public = key.public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(public)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject_for(common_name))
+        .issuer_name(subject_for(common_name))
+        .public_key(public)
+        .serial_number(new_serial(set()))
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+    )
+    return builder.sign(key, signature_hash(key))
+
+
+def _key_usage(profile: Profile, public: CertificatePublicKeyTypes) -> x509.KeyUsage:
+    # keyEncipherment only means something for RSA key transport (TLS 1.2 RSA kx on servers).
+    encipher = isinstance(public, rsa.RSAPublicKey) and profile in (
+        Profile.SERVER,
+        Profile.SERVER_CLIENT,
+    )
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=encipher,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+_EKU = {
+    Profile.CLIENT: [ExtendedKeyUsageOID.CLIENT_AUTH],
+    Profile.SERVER: [ExtendedKeyUsageOID.SERVER_AUTH],
+    Profile.SERVER_CLIENT: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateTemplate:
+    """What to put in one certificate, independent of the key it is for."""
+
+    name: str
+    profile: Profile
+    sans: tuple[x509.GeneralName, ...]
+    not_before: datetime
+    not_after: datetime
+
+
+class Signer:
+    """The CA's key and certificate, with what every issued certificate shares precomputed."""
+
+    def __init__(self, ca_cert: x509.Certificate, ca_key: PrivateKey) -> None:
+        self.cert = ca_cert
+        self.key = ca_key
+        self.hash = signature_hash(ca_key)
+        try:
+            ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+        except x509.ExtensionNotFound:
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+        self._basic = x509.Extension(
+            x509.BasicConstraints.oid, False, x509.BasicConstraints(ca=False, path_length=None)
+        )
+
+    def issue(
+        self, template: CertificateTemplate, public: CertificatePublicKeyTypes, serial: int
+    ) -> x509.Certificate:
+        if template.profile not in _EKU:
+            raise UsageError(
+                f"{template.name}: cannot issue a certificate of kind {template.profile}"
+            )
+        sans = list(template.sans)
+        if not sans and template.profile in (Profile.SERVER, Profile.SERVER_CLIENT):
+            sans = [x509.DNSName(template.name)]  # as easy-rsa does for server certificates
+        extensions: list[x509.Extension[x509.ExtensionType]] = [
+            self._basic,
+            x509.Extension(
+                x509.SubjectKeyIdentifier.oid,
+                False,
+                x509.SubjectKeyIdentifier.from_public_key(public),
+            ),
+            x509.Extension(x509.AuthorityKeyIdentifier.oid, False, self._aki),
+            x509.Extension(
+                x509.ExtendedKeyUsage.oid, False, x509.ExtendedKeyUsage(_EKU[template.profile])
+            ),
+            x509.Extension(x509.KeyUsage.oid, True, _key_usage(template.profile, public)),
+        ]
+        if sans:
+            extensions.append(
+                x509.Extension(
+                    x509.SubjectAlternativeName.oid, False, x509.SubjectAlternativeName(sans)
+                )
+            )
+        builder = x509.CertificateBuilder(
+            issuer_name=self.cert.subject,
+            subject_name=subject_for(template.name),
+            public_key=public,
+            serial_number=serial,
+            not_valid_before=template.not_before,
+            not_valid_after=template.not_after,
+            extensions=extensions,
+        )
+        return builder.sign(self.key, self.hash)
+
+    def crl(
+        self,
+        revoked: Sequence[tuple[str, datetime, Reason | None]],
+        number: int,
+        last_update: datetime,
+        next_update: datetime,
+        previous: x509.CertificateRevocationList | None = None,
+    ) -> x509.CertificateRevocationList:
+        """Sign a CRL holding ``revoked`` (serial hex, date, reason) entries.
+
+        Entries identical in ``previous`` are carried over as they are: building a revoked
+        entry costs far more than reusing the parsed one, which matters at 100k entries.
+        """
+        reusable: dict[int, x509.RevokedCertificate] = {}
+        if previous is not None and previous.issuer == self.cert.subject:
+            reusable = {entry.serial_number: entry for entry in previous}
+        entries: list[x509.RevokedCertificate] = []
+        for serial_hex, when, reason in revoked:
+            serial = int(serial_hex, 16)
+            old = reusable.get(serial)
+            if old is not None and _same_entry(old, when, reason):
+                entries.append(old)
+                continue
+            entry = x509.RevokedCertificateBuilder(
+                serial_number=serial, revocation_date=when, extensions=[]
+            )
+            if reason is not None:
+                ext = _REASON_EXTENSIONS[reason]
+                entry = entry.add_extension(ext.value, ext.critical)
+            entries.append(entry.build())
+        # The constructor takes the whole list: add_revoked_certificate() copies the list on
+        # every call, which makes 100k entries quadratic (seconds instead of milliseconds).
+        builder = x509.CertificateRevocationListBuilder(
+            issuer_name=self.cert.subject,
+            last_update=last_update,
+            next_update=next_update,
+            extensions=[
+                x509.Extension(x509.AuthorityKeyIdentifier.oid, False, self._aki),
+                x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
+            ],
+            revoked_certificates=entries,
+        )
+        return builder.sign(self.key, self.hash)
+
+
+def _same_entry(entry: x509.RevokedCertificate, when: datetime, reason: Reason | None) -> bool:
+    if entry.revocation_date_utc.replace(microsecond=0) != when.replace(microsecond=0):
+        return False
+    try:
+        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return reason is None
+    return reason is not None and _REASON_FLAGS[reason] == flag
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int | None:
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return None
+
+
+def same_public_key(a: CertificatePublicKeyTypes, b: CertificatePublicKeyTypes) -> bool:
+    fmt = serialization.PublicFormat.SubjectPublicKeyInfo
+    return a.public_bytes(serialization.Encoding.DER, fmt) == b.public_bytes(
+        serialization.Encoding.DER, fmt
+    )
+
+
+def pem_blocks(data: bytes) -> Iterable[bytes]:
+    """Each PEM block in ``data`` (a chain file holds several)."""
+    marker = b"-----BEGIN "
+    start = data.find(marker)
+    while start != -1:
+        end = data.find(b"-----END ", start)
+        if end == -1:
+            return
+        end = data.find(b"-----", end + 9)
+        if end == -1:
+            return
+        yield data[start : end + 5] + b"\n"
+        start = data.find(marker, end)
