@@ -1,0 +1,355 @@
+"""The ``certwarden`` command line: PKI commands, and the daemon's commands.
+
+Expected errors print one line, ``certwarden: error: ...``, and exit with the error's own code;
+anything else is a bug and prints its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from certwarden import __version__
+from certwarden.atomicfile import write_atomic
+from certwarden.errors import CertwardenError, ConfigError, UsageError
+from certwarden.pki.ca import (
+    DEFAULT_CA_VALIDITY,
+    DEFAULT_CERT_VALIDITY,
+    DEFAULT_CRL_VALIDITY,
+    CertificateAuthority,
+    IssueRequest,
+)
+from certwarden.pki.export import BundleFormat, export_bundle, generate_password, load_identity
+from certwarden.pki.model import KeyType, Profile, Reason
+from certwarden.pki.store import PKIStore
+from certwarden.terminal import echo_records
+
+if TYPE_CHECKING:
+    from certwarden.config import Config
+
+F = TypeVar("F", bound=Callable[..., Any])
+EX_SOFTWARE = 70
+
+
+@dataclass
+class App:
+    """What every command needs, resolved lazily from the global options."""
+
+    config_option: str | None
+    pki_option: Path | None
+    passphrase_file: Path | None
+    _config: Config | None = field(default=None, init=False)
+    _config_loaded: bool = field(default=False, init=False)
+
+    def config(self, *, required: bool) -> Config | None:
+        if not self._config_loaded:
+            from certwarden.config import config_path
+            from certwarden.plugin_manager import load_config_and_plugins
+
+            path = config_path(self.config_option)
+            explicit = self.config_option is not None or "CERTWARDEN_CONFIG" in os.environ
+            if path.exists() or explicit or required:
+                self._config, _ = load_config_and_plugins(path)
+            self._config_loaded = True
+        if required and self._config is None:
+            raise ConfigError(["no configuration file found; give --config FILE"])
+        return self._config
+
+    def store(self) -> PKIStore:
+        config = None if self.pki_option else self.config(required=False)
+        if self.pki_option is not None:
+            root = self.pki_option
+        elif config is not None:
+            root = config.pki.dir
+        else:
+            raise UsageError(
+                "no PKI given: use --pki DIR, or --config FILE with a [pki] dir "
+                "(or CERTWARDEN_CONFIG)"
+            )
+        passphrase_file = self.passphrase_file
+        if passphrase_file is None and config is not None:
+            passphrase_file = config.pki.ca_passphrase_file
+        passphrase = None
+        if passphrase_file is not None:
+            from certwarden.config import read_secret
+
+            passphrase = read_secret(passphrase_file, "CA passphrase")
+        lock_timeout = config.pki.lock_timeout.total_seconds() if config else 10.0
+        return PKIStore(root, ca_passphrase=passphrase, lock_timeout=lock_timeout)
+
+    def ca(self) -> CertificateAuthority:
+        return CertificateAuthority(self.store())
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def _days(value: int | None, default: timedelta) -> timedelta:
+    if value is None:
+        return default
+    if value <= 0:
+        raise UsageError(f"--days {value}: must be a positive number of days")
+    return timedelta(days=value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_option", metavar="FILE", help="Configuration file.")
+@click.option(
+    "--pki",
+    "pki_option",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="PKI directory (enough for the PKI commands, without a configuration).",
+)
+@click.option(
+    "--ca-passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File holding the CA key's passphrase.",
+)
+@click.version_option(__version__, prog_name="certwarden")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config_option: str | None,
+    pki_option: Path | None,
+    ca_passphrase_file: Path | None,
+) -> None:
+    """Keep an easy-rsa PKI for mutual TLS alive: renewals, CRLs, deployments."""
+    ctx.obj = App(config_option, pki_option, ca_passphrase_file)
+
+
+@cli.command()
+@click.option("--cn", default="certwarden CA", show_default=True, help="The CA's common name.")
+@click.option(
+    "--key-type",
+    type=click.Choice([k.value for k in KeyType]),
+    default=KeyType.EC_P256.value,
+    show_default=True,
+)
+@click.option("--days", type=int, help="CA validity in days [default: 3650].")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Encrypt the CA key with the passphrase in this file.",
+)
+@pass_app
+def init(app: App, cn: str, key_type: str, days: int | None, passphrase_file: Path | None) -> None:
+    """Create a new PKI with its CA, in easy-rsa's layout."""
+    passphrase = None
+    if passphrase_file is not None:
+        from certwarden.config import read_secret
+
+        passphrase = read_secret(passphrase_file, "CA passphrase")
+    store = app.store()
+    cert = CertificateAuthority(store).init(
+        cn, KeyType(key_type), _days(days, DEFAULT_CA_VALIDITY), passphrase
+    )
+    click.echo(
+        f"created CA {cn!r} in {store.root}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+    )
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "--profile",
+    type=click.Choice([p.value for p in (Profile.CLIENT, Profile.SERVER, Profile.SERVER_CLIENT)]),
+    default=Profile.CLIENT.value,
+    show_default=True,
+)
+@click.option("--san", multiple=True, help="DNS:name, IP:address or email:address (repeatable).")
+@click.option("--days", type=int, help="Validity in days [default: 825].")
+@click.option(
+    "--key-type",
+    type=click.Choice([k.value for k in KeyType]),
+    default=KeyType.EC_P256.value,
+    show_default=True,
+)
+@click.option(
+    "--csr",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Sign this request instead of generating a key (one name only).",
+)
+@pass_app
+def issue(
+    app: App,
+    names: tuple[str, ...],
+    profile: str,
+    san: tuple[str, ...],
+    days: int | None,
+    key_type: str,
+    csr: Path | None,
+) -> None:
+    """Issue certificates for NAMES (a key is generated unless --csr is given)."""
+    if csr is not None and len(names) > 1:
+        raise UsageError("--csr signs one request: give exactly one name with it")
+    validity = _days(days, DEFAULT_CERT_VALIDITY)
+    requests = [
+        IssueRequest(name, Profile(profile), san, validity, KeyType(key_type), csr)
+        for name in names
+    ]
+    issued = app.ca().issue(requests)
+    echo_records([item.record for item in issued])
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--keep-key", is_flag=True, help="Keep the current key (easy-rsa 3.2 style).")
+@click.option("--days", type=int, help="Validity in days [default: the old certificate's].")
+@pass_app
+def renew(app: App, name: str, keep_key: bool, days: int | None) -> None:
+    """Renew NAME's certificate; the old one stays valid until it expires."""
+    validity = _days(days, DEFAULT_CERT_VALIDITY) if days is not None else None
+    issued = app.ca().renew([name], keep_key=keep_key, validity=validity)
+    echo_records([item.record for item in issued])
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--reason",
+    type=click.Choice([r.value for r in Reason]),
+    help="Revocation reason written to index.txt and the CRL.",
+)
+@click.option("--serial", help="Revoke only this serial (default: every valid one of NAME).")
+@pass_app
+def revoke(app: App, name: str, reason: str | None, serial: str | None) -> None:
+    """Revoke NAME's certificates. Publish a CRL next (`certwarden crl`) or let the daemon."""
+    revoked = app.ca().revoke(name, Reason(reason) if reason else None, serial)
+    for record in revoked:
+        click.echo(f"revoked {record.name} serial {record.serial}")
+
+
+@cli.command()
+@click.option("--days", type=int, help="CRL validity in days [default: [crl] validity, or 180].")
+@pass_app
+def crl(app: App, days: int | None) -> None:
+    """Generate crl.pem and crl.der from index.txt."""
+    default = DEFAULT_CRL_VALIDITY
+    config = app.config(required=False) if app.pki_option is None else None
+    if config is not None:
+        default = config.crl.validity
+    published = app.ca().generate_crl(_days(days, default))
+    click.echo(
+        f"CRL number {published.number} with {published.revoked} revoked, "
+        f"next update {published.next_update:%Y-%m-%dT%H:%M:%SZ}"
+    )
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in BundleFormat]),
+    required=True,
+    help="pem (cert, chain, key), p12 (modern), p12-legacy (for Apple devices).",
+)
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PKCS#12 password; one is generated and shown once when not given.",
+)
+@pass_app
+def export(app: App, name: str, fmt: str, out: Path, password_file: Path | None) -> None:
+    """Write NAME's certificate, chain and key as a bundle to FILE (mode 0600)."""
+    bundle_format = BundleFormat(fmt)
+    identity = load_identity(app.store(), name)
+    password: str | None = None
+    generated = False
+    if bundle_format is not BundleFormat.PEM:
+        if password_file is not None:
+            from certwarden.config import read_secret
+
+            password = read_secret(password_file, "bundle password").decode()
+        else:
+            password = generate_password()
+            generated = True
+    data = export_bundle(identity, bundle_format, password)
+    write_atomic(out, data, 0o600)
+    click.echo(f"wrote {out} ({bundle_format.value}, serial {identity.serial})")
+    if generated:
+        # Shown on the terminal once, never logged: the logging module is not used here.
+        click.echo(f"password: {password}")
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
+@click.option("--all", "show_all", is_flag=True, help="Include revoked and expired ones.")
+@pass_app
+def list_command(app: App, as_json: bool, show_all: bool) -> None:
+    """List the certificates of the PKI."""
+    store = app.store()
+    store.require()
+    inventory = store.inventory()
+    for problem in inventory.problems:
+        click.echo(f"certwarden: warning: {problem}", err=True)
+    records = inventory.records
+    if as_json:
+        click.echo(json.dumps([record.as_json() for record in records]))
+        return
+    if not show_all:
+        records = [record for record in records if record.status.value == "valid"]
+    echo_records(records)
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("var/demo"),
+    show_default=True,
+)
+def demo(directory: Path) -> None:
+    """Create a demo PKI under DIR (once) and show its inventory."""
+    from certwarden.demo import run_demo
+
+    run_demo(directory)
+
+
+def _configure_logging() -> None:
+    level = os.environ.get("CERTWARDEN_LOG_LEVEL", "WARNING").upper()
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _configure_logging()
+    try:
+        result = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
+    except CertwardenError as exc:
+        if isinstance(exc, ConfigError) and len(exc.problems) > 1:
+            click.echo(f"certwarden: error: {exc.source} is invalid:", err=True)
+            for problem in exc.problems:
+                click.echo(f"  {problem}", err=True)
+        else:
+            click.echo(f"certwarden: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        logging.getLogger("certwarden").exception("unexpected error (this is a bug)")
+        return EX_SOFTWARE
+    # Commands return an exit code when they have one to give (check-config, status).
+    return result if isinstance(result, int) else 0
