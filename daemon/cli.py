@@ -31,7 +31,7 @@ from certwarden.pki.ca import (
 from certwarden.pki.export import BundleFormat, export_bundle, generate_password, load_identity
 from certwarden.pki.model import KeyType, Profile, Reason
 from certwarden.pki.store import PKIStore
-from certwarden.terminal import echo_records
+from certwarden.terminal import echo_records, echo_table
 
 if TYPE_CHECKING:
     from certwarden.config import Config
@@ -101,7 +101,35 @@ def _days(value: int | None, default: timedelta) -> timedelta:
     return timedelta(days=value)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Core commands, plus those plugins add through ``certwarden_cli`` (loaded on demand,
+    so the PKI commands start fast)."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugins_added:
+            return
+        self._plugins_added = True
+        from certwarden.plugin_manager import load_plugins
+
+        plugins = load_plugins()
+        for _name, function in plugins.implementations("certwarden_cli"):
+            function(group=self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_option", metavar="FILE", help="Configuration file.")
 @click.option(
     "--pki",
@@ -303,6 +331,92 @@ def list_command(app: App, as_json: bool, show_all: bool) -> None:
 
 
 @cli.command()
+@pass_app
+def run(app: App) -> int:
+    """Run the daemon in the foreground (systemd: Type=notify)."""
+    from certwarden.config import config_path
+    from certwarden.daemon import Daemon
+
+    return Daemon(config_path(app.config_option)).run()
+
+
+@cli.command(name="check-config")
+@pass_app
+def check_config(app: App) -> None:
+    """Validate the configuration; exit 0 when valid, 78 with every problem when not."""
+    from certwarden.config import config_path
+    from certwarden.plugin_manager import load_config_and_plugins
+
+    path = config_path(app.config_option)
+    load_config_and_plugins(path)
+    click.echo(f"{path}: valid")
+
+
+@cli.command()
+@pass_app
+def plugins(app: App) -> None:
+    """List the loaded plugins, where they come from, and the hooks they implement."""
+    from certwarden.plugin_manager import load_config_and_plugins, load_plugins
+
+    config = None
+    try:
+        config, loaded = load_config_and_plugins(
+            _config_file(app) if app.config_option or _has_config() else None
+        )
+    except ConfigError:
+        if app.config_option:
+            raise
+        loaded = load_plugins()
+    rows = []
+    for plugin in loaded:
+        settings = config.plugins.get(plugin.name) if config else None
+        enabled = "yes" if settings is not None and settings.enabled else "no"
+        rows.append([plugin.name, enabled, plugin.source, ", ".join(loaded.hooks_of(plugin.name))])
+    echo_table(rows, ["PLUGIN", "ENABLED", "SOURCE", "HOOKS"])
+
+
+def _config_file(app: App) -> Path:
+    from certwarden.config import config_path
+
+    return config_path(app.config_option)
+
+
+def _has_config() -> bool:
+    from certwarden.config import config_path
+
+    return config_path(None).exists()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="The same data as JSON.")
+@pass_app
+def status(app: App, as_json: bool) -> int:
+    """Show certificates with their next renewal, the CRL, and pending deliveries.
+
+    Exits 2 when something needs a person.
+    """
+    from certwarden.daemon import plugin_contexts
+    from certwarden.dispatch import PluginHost
+    from certwarden.plugin_manager import load_config_and_plugins
+    from certwarden.status import EXIT_NEEDS_ATTENTION, gather
+    from certwarden.terminal import echo_status
+
+    config, loaded = load_config_and_plugins(_config_file(app))
+    store = app.store()
+    store.require()
+    # Plugins answer health questions from their own files; they need their settings.
+    host = PluginHost(loaded, hook_timeout=config.daemon.hook_timeout.total_seconds())
+    host.configure(plugin_contexts(config, loaded))
+    health = host.health()
+    report = gather(config, store, health)
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        echo_status(report)
+    return EXIT_NEEDS_ATTENTION if report.needs_attention else 0
+
+
+@cli.command()
 @click.option(
     "--dir",
     "directory",
@@ -310,11 +424,12 @@ def list_command(app: App, as_json: bool, show_all: bool) -> None:
     default=Path("var/demo"),
     show_default=True,
 )
-def demo(directory: Path) -> None:
-    """Create a demo PKI under DIR (once) and show its inventory."""
+@click.option("--no-daemon", is_flag=True, help="Only create the demo PKI and show it.")
+def demo(directory: Path, no_daemon: bool) -> int:
+    """Run the daemon on a demo PKI under DIR with lifetimes of minutes (Ctrl-C stops it)."""
     from certwarden.demo import run_demo
 
-    run_demo(directory)
+    return run_demo(directory, daemon=not no_daemon)
 
 
 def _configure_logging() -> None:
@@ -340,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.UsageError as exc:
+        # Same one-line contract and exit code as our own UsageError (click's would be 2).
+        click.echo(f"certwarden: error: {UsageError(exc.format_message())}", err=True)
+        return UsageError.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

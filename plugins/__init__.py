@@ -1,4 +1,3 @@
 """Built-in certwarden plugins."""
 
 from __future__ import annotations
-

@@ -313,6 +313,7 @@ class CertificateAuthority:
         *,
         keep_key: bool = False,
         validity: timedelta | None = None,
+        key_type: KeyType | None = None,
     ) -> list[Issued]:
         """Renew the current certificate of each name, in one transaction.
 
@@ -320,6 +321,7 @@ class CertificateAuthority:
         certificate stays valid until it expires, so a device keeps working until it has the
         new one. With ``keep_key`` (easy-rsa 3.2's behaviour) the key stays in place; a
         certificate whose key is not here (a signed request) can only be renewed that way.
+        A new key is of ``key_type``, or of the old key's type when None.
         """
         store = self.store
         store.require()
@@ -342,6 +344,7 @@ class CertificateAuthority:
                             inventory.current(name),
                             keep_key,
                             validity,
+                            key_type,
                             now,
                             taken,
                         )
@@ -368,6 +371,7 @@ class CertificateAuthority:
         current: CertRecord | None,
         keep_key: bool,
         validity: timedelta | None,
+        key_type: KeyType | None,
         now: datetime,
         taken: set[str],
     ) -> Issued:
@@ -399,12 +403,12 @@ class CertificateAuthority:
                     f"private/{name}.key: missing (the certificate was made from a request); "
                     f"renew it with --keep-key, or have its owner send a new request"
                 )
-            key = generate_key(key_type_of(public))
+            key = generate_key(key_type or key_type_of(public))
             public = key.public_key()
         lifetime = validity or (old.not_valid_after_utc - old.not_valid_before_utc)
         template = CertificateTemplate(
             name=name,
-            profile=profile_of(old) if profile_of(old) is not Profile.UNKNOWN else current.profile,
+            profile=kind if (kind := profile_of(old)) is not Profile.UNKNOWN else current.profile,
             sans=tuple(sans_of(old)),
             not_before=now - BACKDATE,
             not_after=_clamp(now - BACKDATE + lifetime, signer.cert),

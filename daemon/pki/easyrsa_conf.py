@@ -34,6 +34,9 @@ crl = $dir/crl.pem
 private_key = $dir/private/ca.key
 RANDFILE = $dir/.rand
 x509_extensions = basic_exts
+# easy-rsa replaces these marker lines (--copy-ext, --subject-alt-name, build-ca extras);
+# without them it silently drops those options.
+#%COPY_EXTS%
 crl_extensions = crl_ext
 default_days = $ENV::EASYRSA_CERT_EXPIRE
 default_crl_days = $ENV::EASYRSA_CRL_DAYS
@@ -58,6 +61,7 @@ default_keyfile = privkey.pem
 default_md = $ENV::EASYRSA_DIGEST
 distinguished_name = $ENV::EASYRSA_DN
 x509_extensions = easyrsa_ca
+#%EXTRA_EXTS%
 
 [ cn_only ]
 commonName = Common Name (eg: your user, host, or server name)
@@ -94,6 +98,7 @@ subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always,issuer:always
 basicConstraints = CA:true
 keyUsage = cRLSign, keyCertSign
+#%CA_X509_TYPES_EXTRA_EXTS%
 
 [ crl_ext ]
 authorityKeyIdentifier = keyid:always,issuer:always

@@ -27,7 +27,7 @@ from certwarden.pki.x509 import (
     same_public_key,
 )
 
-# Unambiguous on a phone keyboard: no 0/o, 1/l/i. 20 symbols of 32 = 100 bits.
+# Unambiguous on a phone keyboard: no 0/o, 1/l/i. 20 symbols of 31 = 99 bits.
 _ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
 _GROUPS, _GROUP_LENGTH = 4, 5
 MODERN_KDF_ROUNDS = 100_000

@@ -43,6 +43,8 @@ def parse_date(text: str) -> datetime:
     """Parse an ASN.1 UTCTime or GeneralizedTime as index.txt writes it."""
     # Hand-written: strptime costs ~10 us a call, which dominates listing 100k certificates.
     n = len(text)
+    if not text.isascii():  # str.isdigit() also accepts digits of other scripts
+        raise ValueError(f"date {text!r} is neither YYMMDDHHMMSSZ nor YYYYMMDDHHMMSSZ")
     if n == 13 and text[12] == "Z" and text[:12].isdigit():
         yy = int(text[0:2])
         year = 1900 + yy if yy >= 50 else 2000 + yy
@@ -68,7 +70,8 @@ def format_date(when: datetime) -> str:
     when = when.astimezone(UTC)
     if 1950 <= when.year < 2050:
         return when.strftime("%y%m%d%H%M%SZ")
-    return when.strftime("%Y%m%d%H%M%SZ")
+    # Not %Y: it does not pad years before 1000 to four digits, which parse_date() needs.
+    return f"{when.year:04d}" + when.strftime("%m%d%H%M%SZ")
 
 
 def format_serial(serial: int) -> str:

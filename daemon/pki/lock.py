@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
 
-from certwarden.errors import LockHeld
+from certwarden.errors import LockHeld, StorageError
 
 LOCK_NAME = "lock.file"
 # easy-rsa writes the PID right after creating the file; an empty file younger than this
 # is a lock being taken, not a stale one.
 _EMPTY_GRACE_SECONDS = 5.0
+# Lock files this process holds. A lock.file with our own PID is held by another PKILock of
+# this process when listed here, and left by an earlier process with our PID otherwise (a
+# restarted container reuses PIDs). The guard makes create+register and check+remove atomic.
+_held_here: set[str] = set()
+_held_here_guard = threading.Lock()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -50,9 +56,11 @@ class PKILock:
         deadline = time.monotonic() + self.timeout
         delay = 0.01
         while True:
-            if self._try_create():
-                self._depth = 1
-                return
+            with _held_here_guard:
+                if self._try_create():
+                    _held_here.add(os.path.abspath(self.path))
+                    self._depth = 1
+                    return
             holder = self._stale_holder()
             if holder is None:
                 continue  # removed a stale lock: try again at once
@@ -69,7 +77,8 @@ class PKILock:
             return
         self._depth -= 1
         if self._depth == 0:
-            with contextlib.suppress(FileNotFoundError):
+            with _held_here_guard, contextlib.suppress(FileNotFoundError):
+                _held_here.discard(os.path.abspath(self.path))
                 self.path.unlink()
 
     def _try_create(self) -> bool:
@@ -77,8 +86,15 @@ class PKILock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             return False
+        except OSError as exc:
+            raise StorageError(f"{self.path}: cannot create the lock ({exc.strerror})") from exc
         try:
             os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            # A lock without a PID would block every writer for the grace period: remove it.
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            raise StorageError(f"{self.path}: cannot write the lock ({exc.strerror})") from exc
         finally:
             os.close(fd)
         return True
@@ -96,8 +112,11 @@ class PKILock:
                 return f"process {pid}"
         elif age < _EMPTY_GRACE_SECONDS:
             return "a process that is taking it now"
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        with _held_here_guard:
+            if os.path.abspath(self.path) in _held_here:
+                return f"process {os.getpid()} (this one)"
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         return None
 
     def __enter__(self) -> PKILock:

@@ -317,13 +317,16 @@ class PKIStore:
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
+        unreadable: Path | None = None
         for folder in ("issued", "renewed/issued"):
             candidate = self.root / folder / f"{cn}.crt"
             if candidate.is_file():
-                with contextlib.suppress(PKIError):
+                try:
                     if format_serial(self.load_cert(candidate).serial_number) == entry.serial:
                         return candidate
-        return None
+                except PKIError:
+                    unreadable = unreadable or candidate
+        return unreadable  # _derive_meta() then reports the file and why it cannot be read
 
     def _derive_meta(self, entry: IndexEntry, problems: list[str]) -> CertMeta | None:
         path = self._cert_file_for(entry)
@@ -417,7 +420,11 @@ class PKIStore:
         except BaseException:
             tx.staged.discard()
             raise
-        self._append_meta(tx.meta)
+        # The journal now owns the staged files: if applying fails, recover() moves them into
+        # place, so the caller's discard() must not delete them.
+        tx.staged.moves.clear()
+        with contextlib.suppress(OSError):
+            self._append_meta(tx.meta)  # a cache, re-derived from the files when missing
         self._apply(moves, tx.removals, tx.index_lines, tx.next_serial, replay=False)
         self.journal_path.unlink()
         fsync_dir(self.meta_dir)

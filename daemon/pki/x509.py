@@ -16,7 +16,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
-    CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
     PrivateKeyTypes,
 )
@@ -26,7 +25,8 @@ from certwarden.errors import MalformedFile, UsageError
 from certwarden.pki.index import format_serial
 from certwarden.pki.model import KeyType, Profile, Reason
 
-PrivateKey = CertificateIssuerPrivateKeyTypes
+# The key types certwarden issues with and accepts (what easy-rsa and TLS clients use).
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 # Certificates are backdated a little so a client whose clock runs slow still accepts them.
 BACKDATE = timedelta(minutes=1)
 
@@ -165,7 +165,7 @@ def profile_of(cert: x509.Certificate) -> Profile:
 
 
 def parse_san(text: str) -> x509.GeneralName:
-    """``DNS:host``, ``IP:addr`` or ``email:addr`` (easy-rsa's --san syntax)."""
+    """``DNS:host``, ``IP:addr``, ``email:addr`` or ``URI:uri`` (easy-rsa's --san syntax)."""
     kind, sep, value = text.partition(":")
     kind = kind.strip().lower()
     value = value.strip()
@@ -184,7 +184,11 @@ def parse_san(text: str) -> x509.GeneralName:
         if "@" not in value or any(ch.isspace() for ch in value):
             raise UsageError(f"SAN {text!r}: not an email address")
         return x509.RFC822Name(value)
-    raise UsageError(f"SAN {text!r}: type must be DNS, IP or email")
+    if kind == "uri":
+        if any(ch.isspace() for ch in value) or ":" not in value:
+            raise UsageError(f"SAN {text!r}: not a URI")
+        return x509.UniformResourceIdentifier(value)
+    raise UsageError(f"SAN {text!r}: type must be DNS, IP, email or URI")
 
 
 def sans_of(cert: x509.Certificate) -> list[x509.GeneralName]:

@@ -1,0 +1,310 @@
+"""``certwarden run``: the long-running process, its threads, signals and systemd protocol.
+
+Threads: the main thread waits for signals and pings systemd's watchdog; apscheduler runs all
+PKI work (reconciles, renewals, CRL refreshes) on one worker thread, so PKI work never overlaps;
+watchdog's observer thread only asks for a debounced reconcile; each enabled plugin has its own
+delivery worker (see :mod:`certwarden.dispatch`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from certwarden.config import Config, read_secret
+from certwarden.dispatch import Dispatcher, RetryPolicy
+from certwarden.engine import Engine, Outlook
+from certwarden.errors import CertwardenError, ConfigError
+from certwarden.hookspecs import PluginContext
+from certwarden.pki.store import PKIStore
+from certwarden.plugin_manager import PluginSet, load_config_and_plugins
+from certwarden.sdnotify import Notifier
+from certwarden.state import StateStore
+from certwarden.watcher import PKIWatcher
+
+log = logging.getLogger("certwarden.daemon")
+IDLE_WAKEUP_SECONDS = 30.0
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
+)
+_SYSLOG_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+class RedactKeys(logging.Filter):
+    """A last line of defence: no PEM private key ever reaches the journal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "PRIVATE KEY-----" in message:
+            record.msg = _PRIVATE_KEY.sub("[private key redacted]", message)
+            record.args = None
+        return True
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        # journald reads a leading <N> as the syslog priority of the line.
+        prefix = f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>"
+        return prefix + super().format(record)
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    handler.addFilter(RedactKeys())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # apscheduler reports every job run at INFO; that is noise in the journal.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def plugin_contexts(config: Config, plugins: PluginSet) -> dict[str, PluginContext]:
+    contexts = {}
+    for loaded in plugins:
+        settings = config.plugins.get(loaded.name) or loaded.settings_class()
+        contexts[loaded.name] = PluginContext(
+            name=loaded.name,
+            settings=settings,
+            config=config,
+            state_dir=config.state.dir / "plugins" / loaded.name,
+            log=logging.getLogger(f"certwarden.plugins.{loaded.name}"),
+        )
+    return contexts
+
+
+def open_store(config: Config) -> PKIStore:
+    passphrase = None
+    if config.pki.ca_passphrase_file is not None:
+        passphrase = read_secret(config.pki.ca_passphrase_file, "CA passphrase")
+    store = PKIStore(
+        config.pki.dir,
+        ca_passphrase=passphrase,
+        lock_timeout=config.pki.lock_timeout.total_seconds(),
+    )
+    store.require()
+    return store
+
+
+class Daemon:
+    def __init__(self, config_path: Path, notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self._wake = threading.Event()
+        self._stop = False
+        self._reload = False
+        self._status = ""
+
+    # ---- signals -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+        self._wake.set()
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        config, plugins = load_config_and_plugins(self.config_path)
+        configure_logging(config.daemon.log_level)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        self._start(config, plugins)
+        try:
+            self._main_loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _start(self, config: Config, plugins: PluginSet) -> None:
+        self.config = config
+        self.plugins = plugins
+        store = open_store(config)
+        with store.writing():
+            pass  # completes a PKI write a crash interrupted, before anything reads it
+        self.state = StateStore(config.state.dir / "state.sqlite3")
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+        )
+        self.dispatcher = Dispatcher(
+            plugins,
+            self.state,
+            hook_timeout=config.daemon.hook_timeout.total_seconds(),
+            retry=RetryPolicy(config.daemon.retry_initial, config.daemon.retry_max),
+            on_retry_scheduled=self._schedule_retry,
+        )
+        self.dispatcher.configure(plugin_contexts(config, plugins))
+        self.engine = Engine(config, store, self.state, self.dispatcher)
+        outlook = self.engine.reconcile()
+        # Deliveries left open by the last run (failed, or cut short by a crash) go first.
+        self.dispatcher.enqueue_open(due_only=False)
+        certificates, crl = self.engine.current_infos()
+        self.dispatcher.call_lifecycle(
+            "certwarden_daemon_started", certificates=certificates, crl=crl
+        )
+        self.scheduler.start()
+        self._schedule_periodic()
+        self._plan(outlook)
+        self.watcher = PKIWatcher(store.root, self._on_pki_change)
+        self.watcher.start()
+        self.notifier.ready(outlook.status_line())
+        log.info("certwarden started: %s", outlook.status_line())
+
+    def _main_loop(self) -> None:
+        interval = IDLE_WAKEUP_SECONDS
+        if self.notifier.watchdog_interval:
+            interval = min(interval, self.notifier.watchdog_interval / 2)
+        self.notifier.watchdog()
+        while not self._stop:
+            self._wake.wait(interval)
+            self._wake.clear()
+            self.notifier.watchdog()
+            if self._reload and not self._stop:
+                self._reload = False
+                self._reload_config()
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("stopping")
+        self.watcher.stop()
+        self.scheduler.shutdown(wait=True)  # lets a running renewal or reconcile finish
+        timeout = self.config.daemon.shutdown_timeout.total_seconds()
+        if not self.dispatcher.stop(timeout):
+            log.warning("deliveries still running after %g s; they will be retried", timeout)
+        self.dispatcher.call_lifecycle("certwarden_daemon_stopping")
+        self.state.close()
+        log.info("stopped")
+
+    def _reload_config(self) -> None:
+        self.notifier.reloading()
+        log.info("reloading %s", self.config_path)
+        try:
+            config, _ = load_config_and_plugins(self.config_path)
+            restart_needed = [
+                what
+                for what, old, new in (
+                    ("[pki] dir", self.config.pki.dir, config.pki.dir),
+                    ("[state] dir", self.config.state.dir, config.state.dir),
+                    (
+                        "[daemon] plugin_files",
+                        self.config.daemon.plugin_files,
+                        config.daemon.plugin_files,
+                    ),
+                )
+                if old != new
+            ]
+            if restart_needed:
+                raise ConfigError(
+                    [f"{what} changed: restart the service to apply it" for what in restart_needed],
+                    str(self.config_path),
+                )
+        except CertwardenError as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for problem in problems:
+                log.error("reload refused, keeping the running configuration: %s", problem)
+            self.notifier.ready(self._status)
+            return
+        self.config = config
+        configure_logging(config.daemon.log_level)
+        self.dispatcher.hook_timeout = config.daemon.hook_timeout.total_seconds()
+        self.dispatcher.retry = RetryPolicy(config.daemon.retry_initial, config.daemon.retry_max)
+        self.dispatcher.configure(plugin_contexts(config, self.plugins))
+        self.engine.config = config
+        self._schedule_periodic()
+        self._submit("reconcile", self.engine.reconcile)
+        self.notifier.ready(self._status)
+        log.info("configuration reloaded")
+
+    # ---- scheduling --------------------------------------------------------------------------
+
+    def _run_job(self, name: str, work: object) -> None:
+        assert callable(work)
+        try:
+            outlook = work()
+        except CertwardenError as exc:
+            log.error("%s failed: %s", name, exc)
+            return
+        except Exception:
+            log.exception("%s failed unexpectedly (this is a bug)", name)
+            return
+        if isinstance(outlook, Outlook):
+            self._plan(outlook)
+
+    def _submit(self, job_id: str, work: object, at: datetime | None = None) -> None:
+        self.scheduler.add_job(
+            self._run_job,
+            "date",
+            run_date=at or datetime.now(UTC),
+            args=(job_id, work),
+            id=job_id,
+            replace_existing=True,
+        )
+
+    def _schedule_periodic(self) -> None:
+        self.scheduler.add_job(
+            self._run_job,
+            "interval",
+            seconds=self.config.daemon.reconcile_interval.total_seconds(),
+            args=("periodic reconcile", self._periodic),
+            id="reconcile-periodic",
+            replace_existing=True,
+        )
+
+    def _periodic(self) -> Outlook:
+        self.dispatcher.enqueue_open(due_only=True)
+        return self.engine.renew_due()
+
+    def _plan(self, outlook: Outlook) -> None:
+        """Point the renewal and CRL jobs at their next due times."""
+        if outlook.next_renewal is not None:
+            self._submit("renewals", self.engine.renew_due, outlook.next_renewal.due_at)
+        if outlook.crl_refresh_at is not None:
+            self._submit("crl-refresh", self.engine.refresh_crl, outlook.crl_refresh_at)
+        status = outlook.status_line()
+        if status != self._status:
+            self._status = status
+            self.notifier.status(status)
+
+    def _schedule_retry(self, at: float) -> None:
+        when = datetime.fromtimestamp(at, UTC)
+        job = self.scheduler.get_job("retry") if self.scheduler.running else None
+        if job is not None and job.next_run_time is not None and job.next_run_time <= when:
+            return
+        self.scheduler.add_job(
+            self.dispatcher.enqueue_open,
+            "date",
+            run_date=when,
+            kwargs={"due_only": True},
+            id="retry",
+            replace_existing=True,
+        )
+
+    def _on_pki_change(self, path: str) -> None:
+        log.debug("PKI changed: %s", path)
+        debounce = self.config.daemon.debounce
+        self._submit("reconcile-watch", self.engine.reconcile, datetime.now(UTC) + debounce)
+
+
+def run(config_path: Path) -> int:
+    return Daemon(config_path).run()
