@@ -74,6 +74,7 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
     # apscheduler reports every job run at INFO; that is noise in the journal.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("watchdog").setLevel(logging.INFO)  # one line per inotify event at DEBUG
 
 
 def plugin_contexts(config: Config, plugins: PluginSet) -> dict[str, PluginContext]:

@@ -28,7 +28,10 @@ from certwarden.config import Config, PluginSettings, config_path, parse_config,
 from certwarden.errors import ConfigError, PluginError
 from certwarden.pki.names import is_valid_name
 
-BUILTIN_PLUGINS: tuple[str, ...] = ("certwarden.plugins.exec",)
+# Registered in this order; each is an ordinary plugin with its own [plugins.NAME] section.
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "certwarden.plugins.exec",
+)
 ENTRY_POINT_GROUP = "certwarden.plugins"
 
 
