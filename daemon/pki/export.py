@@ -39,6 +39,7 @@ class BundleFormat(enum.StrEnum):
     PEM = "pem"
     P12 = "p12"
     P12_LEGACY = "p12-legacy"
+    MOBILECONFIG = "mobileconfig"
 
 
 def generate_password() -> str:
@@ -119,4 +120,9 @@ def export_bundle(identity: Identity, fmt: BundleFormat, password: str | None) -
         return pem_bundle(identity)
     if password is None:
         raise UsageError("PKCS#12 export needs a password")
+    if fmt is BundleFormat.MOBILECONFIG:
+        # Imported here: the profile builder is itself built on this module.
+        from certwarden.pki.mobileconfig import build_mobileconfig
+
+        return build_mobileconfig(identity, password)
     return pkcs12_bundle(identity, password, legacy=fmt is BundleFormat.P12_LEGACY)

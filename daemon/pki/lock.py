@@ -28,9 +28,11 @@ _held_here_guard = threading.Lock()
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # kill(0, 0) would test our own process group, not a holder
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any PID
         return False
     except PermissionError:
         return True  # exists, owned by another user

@@ -1,0 +1,362 @@
+"""The ``certwarden`` command line, run in-process through ``run_cli``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import RunCli, require_tool
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+import certwarden
+from certwarden.pki.index import format_serial, parse_index
+from certwarden.pki.store import PKIStore
+
+SERIAL = re.compile(r"\A(?:[0-9A-F]{2})+\Z")
+
+
+@pytest.fixture(autouse=True)
+def _no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only --pki decides which PKI a command works on."""
+    monkeypatch.delenv("CERTWARDEN_CONFIG", raising=False)
+    monkeypatch.delenv("CERTWARDEN_LOG_LEVEL", raising=False)
+
+
+@pytest.fixture
+def root(tmp_path: Path, run_cli: RunCli) -> Path:
+    """A PKI made by `certwarden init`."""
+    path = tmp_path / "pki"
+    code, _, err = run_cli(["--pki", path, "init", "--cn", "CLI test CA"])
+    assert (code, err) == (0, ""), err
+    return path
+
+
+def ok(run_cli: RunCli, *argv: str | Path) -> str:
+    """Run a command that must succeed quietly on stderr; return its stdout."""
+    code, out, err = run_cli(list(argv))
+    assert (code, err) == (0, ""), err
+    return out
+
+
+def listed(run_cli: RunCli, root: Path) -> list[dict[str, object]]:
+    records = json.loads(ok(run_cli, "--pki", root, "list", "--json"))
+    assert isinstance(records, list)
+    return records
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def secret_file(path: Path, content: str) -> Path:
+    path.write_text(content + "\n")
+    path.chmod(0o600)
+    return path
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def test_init_creates_an_easyrsa_pki(tmp_path: Path, run_cli: RunCli) -> None:
+    path = tmp_path / "pki"
+    out = ok(run_cli, "--pki", path, "init", "--cn", "Example CA", "--days", "400")
+    assert out.startswith(f"created CA 'Example CA' in {path}, valid until ")
+    for name in ("ca.crt", "private/ca.key", "index.txt", "serial", "crl.pem"):
+        assert (path / name).is_file(), name
+    ca = load_cert(path / "ca.crt")
+    assert ca.subject.rfc4514_string() == "CN=Example CA"
+    lifetime = ca.not_valid_after_utc - ca.not_valid_before_utc
+    assert lifetime == timedelta(days=400, minutes=1)
+
+
+def test_issue_several_names_prints_one_row_each(root: Path, run_cli: RunCli) -> None:
+    out = ok(run_cli, "--pki", root, "issue", "alice", "bob", "carol")
+    lines = out.splitlines()
+    assert lines[0].split() == ["NAME", "SERIAL", "STATUS", "NOT_AFTER", "PROFILE"]
+    assert [line.split()[0] for line in lines[1:]] == ["alice", "bob", "carol"]
+    for line in lines[1:]:
+        name, serial, status, _, profile = line.split()
+        assert serial == format_serial(load_cert(root / "issued" / f"{name}.crt").serial_number)
+        assert (status, profile) == ("valid", "client")
+
+
+def test_issue_a_server_certificate_with_sans(root: Path, run_cli: RunCli) -> None:
+    ok(
+        run_cli,
+        "--pki",
+        root,
+        "issue",
+        "web",
+        "--profile",
+        "server",
+        "--san",
+        "DNS:web.example.test",
+        "--san",
+        "IP:192.0.2.10",
+        "--days",
+        "90",
+    )
+    cert = load_cert(root / "issued" / "web.crt")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["web.example.test"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["192.0.2.10"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=90, minutes=1)
+    [record] = listed(run_cli, root)
+    assert (record["name"], record["profile"]) == ("web", "server")
+
+
+def test_renew_keeps_the_old_certificate_listed_as_not_current(root: Path, run_cli: RunCli) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    old = format_serial(load_cert(root / "issued" / "alice.crt").serial_number)
+    out = ok(run_cli, "--pki", root, "renew", "alice")
+    new = format_serial(load_cert(root / "issued" / "alice.crt").serial_number)
+    assert new != old
+    assert new in out
+    records = listed(run_cli, root)
+    assert [(r["serial"], r["status"], r["current"]) for r in records] == [
+        (old, "valid", False),
+        (new, "valid", True),
+    ]
+    assert "valid (renewed)" in ok(run_cli, "--pki", root, "list")
+
+
+def test_renew_keep_key(root: Path, run_cli: RunCli) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    key = (root / "private" / "alice.key").read_bytes()
+    ok(run_cli, "--pki", root, "renew", "alice", "--keep-key")
+    assert (root / "private" / "alice.key").read_bytes() == key
+
+
+def test_revoke_with_reason_writes_index_and_hides_it_from_the_default_list(
+    root: Path, run_cli: RunCli
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice", "bob")
+    serial = format_serial(load_cert(root / "issued" / "alice.crt").serial_number)
+    out = ok(run_cli, "--pki", root, "revoke", "alice", "--reason", "keyCompromise")
+    assert out == f"revoked alice serial {serial}\n"
+    entries = parse_index((root / "index.txt").read_text()).entries
+    [revoked] = [entry for entry in entries if entry.serial == serial]
+    assert (revoked.status, revoked.reason) == ("R", "keyCompromise")
+    assert "alice" not in ok(run_cli, "--pki", root, "list")
+    assert "revoked" in ok(run_cli, "--pki", root, "list", "--all")
+
+
+def test_crl_days_sets_next_update(root: Path, run_cli: RunCli) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    ok(run_cli, "--pki", root, "revoke", "alice")
+    out = ok(run_cli, "--pki", root, "crl", "--days", "7")
+    crl = x509.load_pem_x509_crl((root / "crl.pem").read_bytes())
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    assert re.fullmatch(rf"CRL number {number} with 1 revoked, next update \S+Z\n", out)
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=7, minutes=1)
+    assert len(crl) == 1
+
+
+@pytest.mark.parametrize("fmt", ["p12", "p12-legacy"])
+def test_export_prints_a_generated_password_once(
+    root: Path, run_cli: RunCli, tmp_path: Path, fmt: str
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    out_path = tmp_path / "alice.p12"
+    code, out, err = run_cli(["--pki", root, "export", "alice", "--format", fmt, "--out", out_path])
+    assert (code, err) == (0, "")
+    [password] = re.findall(r"^password: (\S+)$", out, re.MULTILINE)
+    assert len(password) == 23
+    assert out.count(password) == 1
+    assert out_path.stat().st_mode & 0o777 == 0o600
+    key, cert, _ = pkcs12.load_key_and_certificates(out_path.read_bytes(), password.encode())
+    assert key is not None
+    assert cert is not None
+
+
+def test_export_with_a_password_file_does_not_print_it(
+    root: Path, run_cli: RunCli, tmp_path: Path
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    password_file = secret_file(tmp_path / "password", "not-printed-anywhere")
+    out_path = tmp_path / "alice.p12"
+    argv: list[str | Path] = ["--pki", root, "export", "alice"]
+    argv += ["--format", "p12-legacy", "--out", out_path]
+    code, out, err = run_cli([*argv, "--password-file", password_file])
+    assert code == 0
+    assert "password:" not in out
+    assert "not-printed-anywhere" not in out + err
+    pkcs12.load_key_and_certificates(out_path.read_bytes(), b"not-printed-anywhere")
+
+
+def test_export_pem_has_no_password(root: Path, run_cli: RunCli, tmp_path: Path) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    out_path = tmp_path / "alice.pem"
+    out = ok(run_cli, "--pki", root, "export", "alice", "--format", "pem", "--out", out_path)
+    assert "password:" not in out
+    assert b"PRIVATE KEY" in out_path.read_bytes()
+    assert out_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_list_json_fields_match_the_certificates_and_openssl(root: Path, run_cli: RunCli) -> None:
+    openssl = require_tool("openssl")
+    ok(run_cli, "--pki", root, "issue", "alice")
+    ok(run_cli, "--pki", root, "issue", "web", "--profile", "server")
+    ok(run_cli, "--pki", root, "issue", "both", "--profile", "serverClient")
+    records = listed(run_cli, root)
+    assert [r["name"] for r in records] == ["alice", "web", "both"]
+    for record, profile in zip(records, ["client", "server", "serverClient"], strict=True):
+        cert_path = root / "issued" / f"{record['name']}.crt"
+        openssl_serial = subprocess.run(
+            [openssl, "x509", "-serial", "-noout", "-in", str(cert_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        assert isinstance(record["serial"], str)
+        assert SERIAL.match(record["serial"])
+        assert openssl_serial == f"serial={record['serial']}"
+        assert record["status"] == "valid"
+        assert record["profile"] == profile
+        assert isinstance(record["not_after"], str)
+        not_after = datetime.fromisoformat(record["not_after"])
+        assert not_after.utcoffset() == timedelta(0)
+        assert not_after == load_cert(cert_path).not_valid_after_utc
+
+
+def test_list_warns_about_problems_on_stderr_and_still_lists(root: Path, run_cli: RunCli) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    with (root / "index.txt").open("a") as index:
+        index.write("V\t3001\n")
+    code, out, err = run_cli(["--pki", root, "list", "--json"])
+    assert code == 0
+    assert [r["name"] for r in json.loads(out)] == ["alice"]
+    assert err.startswith("certwarden: warning: index.txt:2: ")
+
+
+def test_encrypted_ca_key_needs_the_passphrase_file(tmp_path: Path, run_cli: RunCli) -> None:
+    path = tmp_path / "pki"
+    passphrase = secret_file(tmp_path / "passphrase", "tr0ub4dor-and-3")
+    ok(run_cli, "--pki", path, "init", "--passphrase-file", passphrase)
+    code, _, err = run_cli(["--pki", path, "issue", "alice"])
+    assert code == 65
+    assert err.startswith("certwarden: error: private/ca.key: the key is encrypted")
+    assert "tr0ub4dor" not in err
+    ok(run_cli, "--pki", path, "--ca-passphrase-file", passphrase, "issue", "alice")
+
+
+# ---- errors: one line, the right exit code ---------------------------------------------------
+
+
+def assert_one_line_error(result: tuple[int, str, str], exit_code: int) -> str:
+    code, out, err = result
+    assert code == exit_code, err
+    assert out == ""
+    assert err.startswith("certwarden: error: ")
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "exit_code", "says"),
+    [
+        (["issue", "bad/name"], 65, "'bad/name'"),
+        (["issue", "alice", "-rf"], 64, "No such option '-r'"),
+        (["issue", "ok", "--", "-rf"], 65, "'-rf'"),
+        (["issue", "a", "b", "--csr", "x.req"], 64, "--csr"),
+        (["issue", "alice", "--days", "0"], 64, "--days 0"),
+        (["issue", "alice", "--days", "-3"], 64, "--days -3"),
+        (["issue", "alice", "--days", "abc"], 64, "--days"),
+        (["crl", "--days", "0"], 64, "--days 0"),
+        (["init", "--days", "-1"], 64, "--days -1"),
+        (["issue", "alice", "--san", "FTP:x"], 64, "FTP:x"),
+        (["revoke", "nobody"], 66, "nobody"),
+        (["revoke", "nobody", "--reason", "stolen"], 64, "stolen"),
+        (["renew", "nobody"], 66, "nobody"),
+        (["export", "nobody", "--format", "pem", "--out", "x.pem"], 66, "nobody"),
+        (["issue"], 64, "NAMES"),
+        (["no-such-command"], 64, "no-such-command"),
+    ],
+)
+def test_errors_are_one_line_with_their_exit_code(
+    root: Path, run_cli: RunCli, argv: list[str], exit_code: int, says: str
+) -> None:
+    err = assert_one_line_error(run_cli(["--pki", root, *argv]), exit_code)
+    assert says in err
+
+
+def test_issuing_an_existing_name_exits_73(root: Path, run_cli: RunCli) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    err = assert_one_line_error(run_cli(["--pki", root, "issue", "alice"]), 73)
+    assert "issued/alice.crt" in err
+
+
+def test_init_over_an_existing_ca_exits_73(root: Path, run_cli: RunCli) -> None:
+    assert_one_line_error(run_cli(["--pki", root, "init"]), 73)
+
+
+@pytest.mark.parametrize("command", [["list"], ["issue", "alice"], ["crl"], ["revoke", "alice"]])
+def test_a_missing_pki_exits_66(tmp_path: Path, run_cli: RunCli, command: list[str]) -> None:
+    missing = tmp_path / "nowhere"
+    err = assert_one_line_error(run_cli(["--pki", missing, *command]), 66)
+    assert str(missing) in err
+    assert not missing.exists()
+
+
+def test_no_pki_and_no_configuration_exits_64(
+    run_cli: RunCli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("certwarden.config.DEFAULT_PATH", tmp_path / "absent.toml")
+    err = assert_one_line_error(run_cli(["list"]), 64)
+    assert "--pki" in err
+
+
+def test_a_held_lock_exits_75_naming_the_holder(
+    root: Path, run_cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def quick_store(
+        path: Path, *, ca_passphrase: bytes | None = None, lock_timeout: float = 10.0
+    ) -> PKIStore:
+        # The CLI waits 10 s for a lock without a configuration; a unit test does not.
+        return PKIStore(path, ca_passphrase=ca_passphrase, lock_timeout=0.1)
+
+    monkeypatch.setattr("certwarden.cli.PKIStore", quick_store)
+    holder = os.getppid()
+    (root / "lock.file").write_text(f"{holder}\n")
+    err = assert_one_line_error(run_cli(["--pki", root, "issue", "alice"]), 75)
+    assert f"process {holder}" in err
+    assert not (root / "issued" / "alice.crt").exists()
+
+
+def test_version_as_a_module(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "CERTWARDEN_CONFIG"}
+    result = subprocess.run(
+        [sys.executable, "-m", "certwarden", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"certwarden, version {certwarden.__version__}\n"
+    assert result.stderr == ""
+
+
+def test_require_tool_skips_locally_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = "certwarden-no-such-tool"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=missing):
+        require_tool(missing)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run every test"):
+        require_tool(missing)
+    assert require_tool(sys.executable) == sys.executable

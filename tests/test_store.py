@@ -1,0 +1,875 @@
+"""Issue, renew, revoke and CRL through CertificateAuthority and PKIStore, on real files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import PKI, Clock
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import NameOID
+
+from certwarden.atomicfile import TEMP_PREFIX, Move, apply_moves
+from certwarden.errors import (
+    AlreadyExists,
+    InsecurePermissions,
+    InvalidName,
+    LockHeld,
+    MalformedFile,
+    NotFound,
+    StorageError,
+)
+from certwarden.pki.ca import CertificateAuthority, IssueRequest
+from certwarden.pki.index import format_date, format_serial, parse_index
+from certwarden.pki.model import Profile, Reason, Status
+from certwarden.pki.store import PKIStore, index_line
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file and folder under ``root`` with its bytes (folders and links marked)."""
+    result: dict[str, bytes] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            where = str(path.relative_to(root))
+            if path.is_symlink():
+                result[where] = b"-> " + os.fsencode(os.readlink(path))
+            elif path.is_dir():
+                result[where] = b"<folder>"
+            else:
+                result[where] = path.read_bytes()
+    return result
+
+
+def temporary_files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.name.startswith(TEMP_PREFIX)]
+
+
+def public_der(public: PublicKeyTypes) -> bytes:
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def key_matches(key_path: Path, cert: x509.Certificate) -> bool:
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    return public_der(key.public_key()) == public_der(cert.public_key())
+
+
+def serial_of(path: Path) -> str:
+    return format_serial(load_cert(path).serial_number)
+
+
+def index_lines(pki: PKI) -> list[str]:
+    return pki.store.index_path.read_text().splitlines()
+
+
+def issue(pki: PKI, *names: str) -> list[str]:
+    """Issue client certificates; return their serials."""
+    return [item.record.serial for item in pki.ca.issue([IssueRequest(name) for name in names])]
+
+
+def make_csr(name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def gen_req(pki: PKI, name: str) -> None:
+    """Leave private/NAME.key and reqs/NAME.req as `easyrsa gen-req NAME nopass` does."""
+    key, csr = make_csr(name)
+    key_path = pki.root / "private" / f"{name}.key"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    (pki.root / "reqs" / f"{name}.req").write_bytes(csr)
+
+
+def assert_consistent_current(pki: PKI, name: str) -> str:
+    """issued/NAME.crt, its copy by serial, its key and its index line agree; return serial."""
+    cert_path = pki.root / "issued" / f"{name}.crt"
+    serial = serial_of(cert_path)
+    assert (pki.root / "certs_by_serial" / f"{serial}.pem").read_bytes() == cert_path.read_bytes()
+    assert key_matches(pki.root / "private" / f"{name}.key", load_cert(cert_path))
+    entries = {
+        entry.serial: entry for entry in parse_index(pki.store.index_path.read_text()).entries
+    }
+    assert entries[serial].status == "V"
+    assert entries[serial].subject == f"/CN={name}"
+    return serial
+
+
+# ---- issue -----------------------------------------------------------------------------------
+
+
+def test_issue_writes_the_easyrsa_layout(pki: PKI) -> None:
+    [serial] = issue(pki, "alice")
+    cert_path = pki.root / "issued" / "alice.crt"
+    key_path = pki.root / "private" / "alice.key"
+    assert assert_consistent_current(pki, "alice") == serial
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    cert = load_cert(cert_path)
+    cert.verify_directly_issued_by(load_cert(pki.root / "ca.crt"))
+    assert cert.not_valid_before_utc == pki.clock.now - timedelta(minutes=1)
+    assert cert.not_valid_after_utc == pki.clock.now + timedelta(days=825)
+    expected = index_line("V", serial, cert.not_valid_after_utc, "/CN=alice")
+    assert index_lines(pki) == [expected]
+    assert (pki.root / "serial").read_text() == format_serial(int(serial, 16) + 1) + "\n"
+    [record] = pki.store.inventory(pki.clock()).records
+    assert (record.name, record.status, record.profile, record.current) == (
+        "alice",
+        Status.VALID,
+        Profile.CLIENT,
+        True,
+    )
+
+
+def test_issuing_fifty_names_in_one_call_gives_fifty_distinct_serials(pki: PKI) -> None:
+    names = [f"device-{number:02d}" for number in range(50)]
+    serials = issue(pki, *names)
+    assert len(set(serials)) == 50
+    listed = {entry.serial for entry in parse_index(pki.store.index_path.read_text()).entries}
+    assert listed == set(serials)
+    for name, serial in zip(names, serials, strict=True):
+        assert (pki.root / "certs_by_serial" / f"{serial}.pem").is_file()
+        assert serial_of(pki.root / "issued" / f"{name}.crt") == serial
+        assert len(serial) % 2 == 0
+        assert serial == serial.upper()
+
+
+def test_issuing_an_existing_name_raises_already_exists_and_changes_nothing(pki: PKI) -> None:
+    issue(pki, "alice")
+    before = snapshot(pki.root)
+    with pytest.raises(AlreadyExists, match=r"issued/alice\.crt"):
+        issue(pki, "alice")
+    with pytest.raises(AlreadyExists):
+        issue(pki, "bob", "alice", "carol")
+    assert snapshot(pki.root) == before
+
+
+def test_issuing_over_a_leftover_key_raises_already_exists(pki: PKI) -> None:
+    (pki.root / "private" / "dave.key").write_bytes(b"left by easyrsa gen-req\n")
+    before = snapshot(pki.root)
+    with pytest.raises(AlreadyExists, match=r"private/dave\.key"):
+        issue(pki, "dave")
+    assert snapshot(pki.root) == before
+
+
+def test_a_batch_with_one_bad_name_issues_nothing(pki: PKI) -> None:
+    before = snapshot(pki.root)
+    with pytest.raises(InvalidName, match="bad/name"):
+        issue(pki, "good-1", "bad/name", "good-2")
+    assert snapshot(pki.root) == before
+
+
+def test_signing_a_csr_from_a_file_keeps_the_requesters_key(pki: PKI, tmp_path: Path) -> None:
+    key, csr = make_csr("someone-else")
+    csr_path = tmp_path / "bob.req"
+    csr_path.write_bytes(csr)
+    [issued] = pki.ca.issue([IssueRequest("bob", csr=csr_path)])
+    assert issued.key_path is None
+    cert = load_cert(pki.root / "issued" / "bob.crt")
+    assert public_der(cert.public_key()) == public_der(key.public_key())
+    assert cert.subject.rfc4514_string() == "CN=bob"
+    assert (pki.root / "reqs" / "bob.req").read_bytes() == csr
+    assert not (pki.root / "private" / "bob.key").exists()
+
+
+def test_signing_the_request_in_reqs_like_easyrsa_sign_req(pki: PKI) -> None:
+    gen_req(pki, "carol")
+    key_before = (pki.root / "private" / "carol.key").read_bytes()
+    req_before = (pki.root / "reqs" / "carol.req").read_bytes()
+    pki.ca.issue([IssueRequest("carol")])
+    assert assert_consistent_current(pki, "carol")
+    assert (pki.root / "private" / "carol.key").read_bytes() == key_before
+    assert (pki.root / "reqs" / "carol.req").read_bytes() == req_before
+
+
+def test_a_csr_with_a_bad_signature_is_rejected(pki: PKI, tmp_path: Path) -> None:
+    _, pem = make_csr("dave")
+    der = x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+    tampered = der.replace(b"dave", b"evil", 1)  # the signed part changes, the signature not
+    assert tampered != der
+    csr_path = tmp_path / "dave.req"
+    csr_path.write_bytes(tampered)
+    before = snapshot(pki.root)
+    with pytest.raises(MalformedFile, match="signature"):
+        pki.ca.issue([IssueRequest("dave", csr=csr_path)])
+    assert snapshot(pki.root) == before
+
+
+# ---- renew and revoke ------------------------------------------------------------------------
+
+
+def test_renew_moves_old_files_to_renewed_and_keeps_the_old_cert_valid(pki: PKI) -> None:
+    gen_req(pki, "alice")
+    [old_serial] = issue(pki, "alice")
+    old_cert = (pki.root / "issued" / "alice.crt").read_bytes()
+    old_key = (pki.root / "private" / "alice.key").read_bytes()
+    old_req = (pki.root / "reqs" / "alice.req").read_bytes()
+    pki.clock.advance(timedelta(days=30))
+
+    [renewed] = pki.ca.renew(["alice"])
+
+    new_serial = assert_consistent_current(pki, "alice")
+    assert renewed.record.serial == new_serial != old_serial
+    assert (pki.root / "renewed" / "issued" / "alice.crt").read_bytes() == old_cert
+    assert (pki.root / "renewed" / "private" / "alice.key").read_bytes() == old_key
+    assert (pki.root / "renewed" / "reqs" / "alice.req").read_bytes() == old_req
+    assert not (pki.root / "reqs" / "alice.req").exists()
+    assert (pki.root / "private" / "alice.key").read_bytes() != old_key
+    assert (pki.root / "certs_by_serial" / f"{old_serial}.pem").read_bytes() == old_cert
+    records = pki.store.inventory(pki.clock()).records
+    assert [(r.serial, r.status, r.current) for r in records] == [
+        (old_serial, Status.VALID, False),
+        (new_serial, Status.VALID, True),
+    ]
+
+
+def test_renew_keep_key_keeps_the_key_bytes_identical(pki: PKI) -> None:
+    issue(pki, "alice")
+    key_path = pki.root / "private" / "alice.key"
+    key_before = key_path.read_bytes()
+    pki.ca.renew(["alice"], keep_key=True)
+    assert key_path.read_bytes() == key_before
+    assert assert_consistent_current(pki, "alice")
+    assert not (pki.root / "renewed" / "private" / "alice.key").exists()
+
+
+def test_renew_without_a_current_certificate_raises_not_found(pki: PKI) -> None:
+    with pytest.raises(NotFound, match="ghost"):
+        pki.ca.renew(["ghost"])
+
+
+def test_revoke_moves_files_like_easyrsa(pki: PKI) -> None:
+    gen_req(pki, "alice")
+    [serial] = issue(pki, "alice")
+    cert = (pki.root / "issued" / "alice.crt").read_bytes()
+    key = (pki.root / "private" / "alice.key").read_bytes()
+    req = (pki.root / "reqs" / "alice.req").read_bytes()
+    pki.clock.advance(timedelta(hours=1))
+
+    [record] = pki.ca.revoke("alice", Reason.KEY_COMPROMISE)
+
+    revoked = pki.root / "revoked"
+    assert (revoked / "certs_by_serial" / f"{serial}.crt").read_bytes() == cert
+    assert (revoked / "private_by_serial" / f"{serial}.key").read_bytes() == key
+    assert (revoked / "reqs_by_serial" / f"{serial}.req").read_bytes() == req
+    for gone in ("issued/alice.crt", "private/alice.key", "reqs/alice.req"):
+        assert not (pki.root / gone).exists(), gone
+    assert not (pki.root / "certs_by_serial" / f"{serial}.pem").exists()
+    [entry] = parse_index(pki.store.index_path.read_text()).entries
+    assert (entry.status, entry.serial, entry.reason) == ("R", serial, Reason.KEY_COMPROMISE)
+    assert entry.revoked_at == pki.clock.now
+    assert record.status is Status.REVOKED
+    assert f"\t{format_date(pki.clock.now)},keyCompromise\t" in index_lines(pki)[0]
+
+
+def test_revoke_after_renew_revokes_both_old_and_new(pki: PKI) -> None:
+    [old] = issue(pki, "alice")
+    [renewed] = pki.ca.renew(["alice"])
+    new = renewed.record.serial
+
+    revoked = pki.ca.revoke("alice", Reason.CESSATION_OF_OPERATION)
+
+    assert {record.serial for record in revoked} == {old, new}
+    statuses = {r.serial: r.status for r in pki.store.inventory(pki.clock()).records}
+    assert statuses == {old: Status.REVOKED, new: Status.REVOKED}
+    out = pki.root / "revoked"
+    for serial in (old, new):
+        assert serial_of(out / "certs_by_serial" / f"{serial}.crt") == serial
+        assert key_matches(
+            out / "private_by_serial" / f"{serial}.key",
+            load_cert(out / "certs_by_serial" / f"{serial}.crt"),
+        )
+        assert not (pki.root / "certs_by_serial" / f"{serial}.pem").exists()
+    assert not (pki.root / "renewed" / "issued" / "alice.crt").exists()
+    assert not (pki.root / "issued" / "alice.crt").exists()
+    # Nothing valid is left: a second revoke has nothing to do.
+    with pytest.raises(NotFound):
+        pki.ca.revoke("alice")
+
+
+def test_revoke_one_serial_leaves_the_other_valid(pki: PKI) -> None:
+    [old] = issue(pki, "alice")
+    [renewed] = pki.ca.renew(["alice"])
+    pki.ca.revoke("alice", Reason.SUPERSEDED, serial=old.lower())
+    statuses = {r.serial: r.status for r in pki.store.inventory(pki.clock()).records}
+    assert statuses == {old: Status.REVOKED, renewed.record.serial: Status.VALID}
+    assert assert_consistent_current(pki, "alice") == renewed.record.serial
+
+
+# ---- CRL -------------------------------------------------------------------------------------
+
+
+REASON_FLAGS = {
+    Reason.UNSPECIFIED: x509.ReasonFlags.unspecified,
+    Reason.KEY_COMPROMISE: x509.ReasonFlags.key_compromise,
+    Reason.CA_COMPROMISE: x509.ReasonFlags.ca_compromise,
+    Reason.AFFILIATION_CHANGED: x509.ReasonFlags.affiliation_changed,
+    Reason.SUPERSEDED: x509.ReasonFlags.superseded,
+    Reason.CESSATION_OF_OPERATION: x509.ReasonFlags.cessation_of_operation,
+    Reason.CERTIFICATE_HOLD: x509.ReasonFlags.certificate_hold,
+}
+
+
+def ca_cert(pki: PKI) -> x509.Certificate:
+    return load_cert(pki.root / "ca.crt")
+
+
+def ca_public_key(pki: PKI) -> ec.EllipticCurvePublicKey:
+    public = ca_cert(pki).public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    return public
+
+
+def crl_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return None
+
+
+def read_crl(pki: PKI) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl((pki.root / "crl.pem").read_bytes())
+
+
+def test_crl_holds_every_revoked_serial_with_reason_and_date(pki: PKI) -> None:
+    reasons: list[Reason | None] = [*Reason, None]
+    names = [f"device-{number}" for number in range(len(reasons))]
+    serials = dict(zip(names, issue(pki, *names), strict=True))
+    issue(pki, "keeper")  # never revoked: not in the CRL
+    expected: dict[int, tuple[datetime, x509.ReasonFlags | None]] = {}
+    for name, reason in zip(names, reasons, strict=True):
+        pki.clock.advance(timedelta(minutes=7))
+        pki.ca.revoke(name, reason)
+        flag = None if reason is None else REASON_FLAGS[reason]
+        expected[int(serials[name], 16)] = (pki.clock.now, flag)
+
+    published = pki.ca.generate_crl()
+
+    crl = read_crl(pki)
+    assert crl.is_signature_valid(ca_public_key(pki))
+    got = {entry.serial_number: (entry.revocation_date_utc, crl_reason(entry)) for entry in crl}
+    assert got == expected
+    assert published.revoked == len(reasons)
+    der = (pki.root / "crl.der").read_bytes()
+    assert (
+        x509.load_der_x509_crl(der).public_bytes(serialization.Encoding.PEM)
+        == (pki.root / "crl.pem").read_bytes()
+    )
+
+
+def test_crl_number_strictly_increases_even_when_crl_pem_is_replaced_without_number(
+    pki: PKI,
+) -> None:
+    def number() -> int:
+        return read_crl(pki).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+    numbers = [number()]  # written by init
+    issuer = ca_cert(pki).subject
+    ca_key = pki.store.ca_key()
+    for _ in range(3):
+        # What `easyrsa gen-crl` (3.1.0) writes: no crlnumber file, so no CRL Number.
+        foreign = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer)
+            .last_update(pki.clock.now - timedelta(hours=1))
+            .next_update(pki.clock.now + timedelta(days=180))
+            .sign(ca_key, hashes.SHA256())
+        )
+        (pki.root / "crl.pem").write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+        with pytest.raises(x509.ExtensionNotFound):
+            number()
+        published = pki.ca.generate_crl()  # the clock stands still: the time adds nothing
+        numbers.append(number())
+        assert published.number == numbers[-1]
+    assert numbers == sorted(set(numbers))
+    pki.clock.advance(-timedelta(days=1))  # a clock stepped back does not lower it either
+    pki.ca.generate_crl()
+    assert number() > numbers[-1]
+
+
+def test_crl_has_aki_and_next_update_from_the_clock(pki: PKI) -> None:
+    pki.clock.advance(timedelta(days=3, seconds=17))
+    published = pki.ca.generate_crl(timedelta(days=30))
+    crl = read_crl(pki)
+    assert crl.next_update_utc == pki.clock.now + timedelta(days=30) == published.next_update
+    assert crl.last_update_utc == pki.clock.now - timedelta(minutes=1) == published.last_update
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca_cert(pki).extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert crl.issuer == ca_cert(pki).subject
+    assert crl.is_signature_valid(ca_public_key(pki))
+
+
+def test_crl_entries_reused_from_the_previous_crl_are_identical(pki: PKI) -> None:
+    issue(pki, "a", "b", "c", "d")
+    for name, reason in (("a", Reason.KEY_COMPROMISE), ("b", None), ("c", Reason.SUPERSEDED)):
+        pki.clock.advance(timedelta(seconds=5))
+        pki.ca.revoke(name, reason)
+    pki.ca.generate_crl()
+    first = {entry.serial_number: entry for entry in read_crl(pki)}
+    pki.clock.advance(timedelta(hours=2))
+    pki.ca.revoke("d", Reason.AFFILIATION_CHANGED)
+    pki.ca.generate_crl()
+    second = {entry.serial_number: entry for entry in read_crl(pki)}
+
+    assert set(first) < set(second)
+    for serial, old in first.items():
+        new = second[serial]
+        assert new.revocation_date_utc == old.revocation_date_utc
+        assert list(new.extensions) == list(old.extensions)
+
+
+def test_crl_entry_follows_a_reason_changed_in_index_txt(pki: PKI) -> None:
+    issue(pki, "a")
+    pki.ca.revoke("a", Reason.KEY_COMPROMISE)
+    pki.ca.generate_crl()
+    index = pki.store.index_path
+    index.write_text(index.read_text().replace(",keyCompromise", ",certificateHold"))
+    pki.ca.generate_crl()
+    [entry] = list(read_crl(pki))
+    assert crl_reason(entry) is x509.ReasonFlags.certificate_hold
+
+
+# ---- reading a PKI that was tampered with -----------------------------------------------------
+
+
+def append_index(pki: PKI, *lines: str) -> None:
+    with pki.store.index_path.open("a") as handle:
+        handle.writelines(line + "\n" for line in lines)
+
+
+def test_expiry_comes_from_the_date_not_the_status_letter(pki: PKI) -> None:
+    now = pki.clock.now
+    append_index(
+        pki,
+        index_line("V", "0A0A", now - timedelta(days=1), "/CN=stale-v"),
+        index_line("E", "0B0B", now + timedelta(days=1), "/CN=fresh-e"),
+    )
+    statuses = {r.name: r.status for r in pki.store.inventory(now).records}
+    assert statuses == {"stale-v": Status.EXPIRED, "fresh-e": Status.VALID}
+
+
+def fresh_store_without_cache(pki: PKI) -> PKIStore:
+    """A store that has to read certificate files again (no meta.tsv cache)."""
+    with contextlib.suppress(FileNotFoundError):
+        (pki.store.meta_dir / "meta.tsv").unlink()
+    return PKIStore(pki.root)
+
+
+def only_in_issued(pki: PKI, name: str) -> str:
+    """Issue NAME and leave issued/NAME.crt as the only copy of its certificate."""
+    [serial] = issue(pki, name)
+    (pki.root / "certs_by_serial" / f"{serial}.pem").unlink()
+    return serial
+
+
+def test_a_garbage_issued_certificate_is_a_problem_naming_the_file(pki: PKI) -> None:
+    issue(pki, "fine")
+    only_in_issued(pki, "x")
+    (pki.root / "issued" / "x.crt").write_bytes(b"\x00garbage\xff" * 10)
+    inventory = fresh_store_without_cache(pki).inventory(pki.clock())
+    assert [r.name for r in inventory.records] == ["fine", "x"]
+    assert any(problem.startswith("issued/x.crt: ") for problem in inventory.problems)
+
+
+def test_a_symlink_to_etc_passwd_in_issued_is_a_problem_naming_the_file(pki: PKI) -> None:
+    only_in_issued(pki, "x")
+    link = pki.root / "issued" / "x.crt"
+    link.unlink()
+    link.symlink_to("/etc/passwd")
+    inventory = fresh_store_without_cache(pki).inventory(pki.clock())
+    [problem] = [p for p in inventory.problems if "x.crt" in p]
+    assert problem.startswith("issued/x.crt: ")
+    assert "outside the PKI" in problem
+    assert "root:" not in problem  # never shows what the link points at
+
+
+def test_a_garbage_copy_by_serial_is_a_problem_naming_the_file(pki: PKI) -> None:
+    [serial] = issue(pki, "x")
+    (pki.root / "certs_by_serial" / f"{serial}.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    inventory = fresh_store_without_cache(pki).inventory(pki.clock())
+    assert [r.serial for r in inventory.records] == [serial]
+    assert any(p.startswith(f"certs_by_serial/{serial}.pem: ") for p in inventory.problems)
+
+
+def test_a_truncated_index_line_is_a_problem_and_the_rest_is_listed(pki: PKI) -> None:
+    issue(pki, "a", "b")
+    text = pki.store.index_path.read_text()
+    first, second = text.splitlines()
+    pki.store.index_path.write_text(first + "\n" + second[:20] + "\n")
+    inventory = PKIStore(pki.root).inventory(pki.clock())
+    assert [r.name for r in inventory.records] == ["a"]
+    assert [p.split(":")[0:2] for p in inventory.problems] == [["index.txt", "2"]]
+
+
+# ---- the CA key ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_ca_key_readable_by_others_raises_insecure_permissions(pki: PKI, mode: int) -> None:
+    pki.store.ca_key_path.chmod(mode)
+    before = snapshot(pki.root)
+    with pytest.raises(InsecurePermissions, match="chmod 600") as caught:
+        issue(pki, "alice")
+    assert str(pki.store.ca_key_path) in str(caught.value)
+    assert caught.value.exit_code == 77
+    assert snapshot(pki.root) == before
+
+
+PASSPHRASE = b"correct horse battery staple"
+
+
+def test_an_encrypted_ca_key_works_with_its_passphrase(tmp_path: Path, clock: Clock) -> None:
+    root = tmp_path / "pki"
+    CertificateAuthority(PKIStore(root), clock).init(passphrase=PASSPHRASE)
+    assert b"ENCRYPTED PRIVATE KEY" in (root / "private" / "ca.key").read_bytes()
+    ca = CertificateAuthority(PKIStore(root, ca_passphrase=PASSPHRASE), clock)
+    ca.issue([IssueRequest("alice")])
+    ca.generate_crl()
+    assert (root / "issued" / "alice.crt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("given", "complaint"),
+    [(None, "encrypted; give its passphrase"), (b"wrong horse", "wrong passphrase")],
+)
+def test_an_encrypted_ca_key_fails_clearly_without_its_passphrase(
+    tmp_path: Path, clock: Clock, given: bytes | None, complaint: str
+) -> None:
+    root = tmp_path / "pki"
+    CertificateAuthority(PKIStore(root), clock).init(passphrase=PASSPHRASE)
+    before = snapshot(root)
+    ca = CertificateAuthority(PKIStore(root, ca_passphrase=given), clock)
+    with pytest.raises(MalformedFile) as caught:
+        ca.issue([IssueRequest("alice")])
+    message = str(caught.value)
+    assert message.startswith("private/ca.key: ")
+    assert complaint in message
+    assert PASSPHRASE.decode() not in message
+    assert "horse" not in message
+    assert snapshot(root) == before
+
+
+# ---- the lock --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sleeper() -> Iterator[int]:
+    """The PID of a live process that is not this one."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        yield process.pid
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_a_lock_held_by_a_live_process_raises_lock_held_naming_the_pid(
+    pki: PKI, sleeper: int
+) -> None:
+    lock = pki.root / "lock.file"
+    lock.write_text(f"{sleeper}\n")
+    before = snapshot(pki.root)
+    ca = CertificateAuthority(PKIStore(pki.root, lock_timeout=0.3), pki.clock)
+    with pytest.raises(LockHeld) as caught:
+        ca.issue([IssueRequest("alice")])
+    assert f"process {sleeper}" in str(caught.value)
+    assert "lock.file" in str(caught.value)
+    assert caught.value.exit_code == 75
+    assert snapshot(pki.root) == before  # the other holder's lock is left alone
+
+
+def test_a_lock_held_by_the_parent_process_is_respected(pki: PKI) -> None:
+    (pki.root / "lock.file").write_text(f"{os.getppid()}\n")
+    store = PKIStore(pki.root, lock_timeout=0.2)
+    with pytest.raises(LockHeld, match=f"process {os.getppid()}"):
+        CertificateAuthority(store, pki.clock).generate_crl()
+
+
+def test_a_lock_of_a_dead_process_is_removed_and_the_write_proceeds(pki: PKI) -> None:
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    (pki.root / "lock.file").write_text(f"{finished.pid}\n")
+    ca = CertificateAuthority(PKIStore(pki.root, lock_timeout=0.3), pki.clock)
+    ca.issue([IssueRequest("alice")])
+    assert (pki.root / "issued" / "alice.crt").is_file()
+    assert not (pki.root / "lock.file").exists()
+
+
+@pytest.mark.parametrize("content", ["0", "99999999999999999999", "not a pid"])
+def test_a_lock_naming_no_possible_process_is_stale(pki: PKI, content: str) -> None:
+    lock = pki.root / "lock.file"
+    lock.write_text(content + "\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    ca = CertificateAuthority(PKIStore(pki.root, lock_timeout=0.2), pki.clock)
+    ca.issue([IssueRequest("alice")])
+    assert not lock.exists()
+
+
+def test_an_empty_lock_is_a_lock_being_taken_until_it_is_old(pki: PKI) -> None:
+    lock = pki.root / "lock.file"
+    lock.write_bytes(b"")
+    ca = CertificateAuthority(PKIStore(pki.root, lock_timeout=0.2), pki.clock)
+    with pytest.raises(LockHeld, match="taking it now"):
+        ca.issue([IssueRequest("alice")])
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    ca.issue([IssueRequest("alice")])
+    assert not lock.exists()
+
+
+def test_the_lock_is_released_after_a_failed_write(pki: PKI) -> None:
+    issue(pki, "alice")
+    with pytest.raises(AlreadyExists):
+        issue(pki, "alice")
+    assert not (pki.root / "lock.file").exists()
+
+
+# ---- a full disk -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: int) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.fixture
+def can_mount_tmpfs(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("simulating a full disk needs root to mount a tmpfs")
+    try:
+        with tmpfs(tmp_path / "probe", 64 * 1024):
+            pass
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc}); the full-disk test needs one")
+
+
+def fill(filesystem: Path, leave_free: int, page: int) -> Path:
+    """Fill ``filesystem`` to the last page, then free ``leave_free`` pages."""
+    filler = filesystem / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    pages = 0
+    try:
+        while True:
+            os.write(fd, b"\0" * page)
+            pages += 1
+    except OSError:
+        pass
+    os.ftruncate(fd, max(0, pages - leave_free) * page)
+    os.close(fd)
+    return filler
+
+
+@pytest.mark.usefixtures("can_mount_tmpfs")
+def test_a_full_disk_raises_storage_error_and_never_leaves_a_half_write(
+    tmp_path: Path, clock: Clock
+) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    # 32 pages hold a new PKI and one more certificate with its journal, not much more;
+    # each round leaves a different number of pages free so every write in turn fails.
+    outcomes: list[str] = []
+    for free in range(12):
+        with tmpfs(tmp_path / f"fs{free}", 32 * page) as filesystem:
+            store = PKIStore(filesystem / "pki", lock_timeout=0.5)
+            ca = CertificateAuthority(store, clock)
+            ca.init()
+            before = snapshot(store.root)
+            filler = fill(filesystem, free, page)
+            try:
+                ca.issue([IssueRequest("bob")])
+            except StorageError as exc:
+                assert "no space left" in str(exc).lower(), exc
+                assert not temporary_files(store.root)
+                assert not (store.root / "lock.file").exists()
+                if not store.journal_path.exists():
+                    outcomes.append("unchanged")
+                    assert snapshot(store.root) == before
+                    continue
+                outcomes.append("completed later")
+                filler.unlink()
+                with store.writing():
+                    pass  # completes the journaled write
+                assert not store.journal_path.exists()
+            else:
+                outcomes.append("issued")
+            assert not temporary_files(store.root)
+            assert_consistent_current(PKI(store, ca, clock), "bob")
+    assert "unchanged" in outcomes
+    assert outcomes[-1] == "issued"
+
+
+# ---- the journal -----------------------------------------------------------------------------
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, done: int) -> None:
+    """Make the next commit stop after ``done`` renames, as a crash or I/O error would."""
+    crashed = False
+
+    def apply(moves: list[Move], *, replay: bool = False) -> None:
+        nonlocal crashed
+        if replay or crashed:
+            apply_moves(moves, replay=replay)
+            return
+        crashed = True
+        apply_moves(moves[:done])
+        raise StorageError("simulated failure in the middle of a write")
+
+    monkeypatch.setattr("certwarden.pki.store.apply_moves", apply)
+
+
+def do_issue(pki: PKI) -> Callable[[], object]:
+    return lambda: issue(pki, "alice")
+
+
+def check_issued(pki: PKI) -> None:
+    assert_consistent_current(pki, "alice")
+
+
+def do_renew(pki: PKI) -> Callable[[], object]:
+    issue(pki, "alice")
+    return lambda: pki.ca.renew(["alice"])
+
+
+def check_renewed(pki: PKI) -> None:
+    new = assert_consistent_current(pki, "alice")
+    old_cert = load_cert(pki.root / "renewed" / "issued" / "alice.crt")
+    assert format_serial(old_cert.serial_number) != new
+    assert key_matches(pki.root / "renewed" / "private" / "alice.key", old_cert)
+    assert [r.current for r in pki.store.inventory(pki.clock()).records] == [False, True]
+
+
+def do_revoke(pki: PKI) -> Callable[[], object]:
+    gen_req(pki, "alice")
+    issue(pki, "alice")
+    return lambda: pki.ca.revoke("alice", Reason.KEY_COMPROMISE)
+
+
+def check_revoked(pki: PKI) -> None:
+    [entry] = parse_index(pki.store.index_path.read_text()).entries
+    assert (entry.status, entry.reason) == ("R", Reason.KEY_COMPROMISE)
+    for folder, suffix in (("certs", "crt"), ("private", "key"), ("reqs", "req")):
+        assert (pki.root / "revoked" / f"{folder}_by_serial" / f"{entry.serial}.{suffix}").is_file()
+    for gone in ("issued/alice.crt", "private/alice.key", "reqs/alice.req"):
+        assert not (pki.root / gone).exists()
+    assert not (pki.root / "certs_by_serial" / f"{entry.serial}.pem").exists()
+
+
+OPERATIONS = {
+    "issue": (do_issue, check_issued),
+    "renew": (do_renew, check_renewed),
+    "revoke": (do_revoke, check_revoked),
+}
+
+
+@pytest.mark.parametrize("done", [0, 1, 3, 99])
+@pytest.mark.parametrize("operation", sorted(OPERATIONS))
+def test_an_interrupted_write_is_completed_by_recover_and_replaying_twice_is_a_no_op(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch, operation: str, done: int
+) -> None:
+    prepare, check = OPERATIONS[operation]
+    run = prepare(pki)
+    crash_after(monkeypatch, done)
+    with pytest.raises(StorageError, match="simulated"):
+        run()
+    journal = pki.store.journal_path.read_bytes()
+    assert any("interrupted" in p for p in PKIStore(pki.root).inventory(pki.clock()).problems)
+
+    with pki.store.lock:
+        assert pki.store.recover() is True
+    check(pki)
+    assert not pki.store.journal_path.exists()
+    assert not temporary_files(pki.root)
+
+    after = snapshot(pki.root)
+    pki.store.journal_path.write_bytes(journal)
+    with pki.store.lock:
+        assert pki.store.recover() is True
+    assert snapshot(pki.root) == after
+    with pki.store.lock:
+        assert pki.store.recover() is False
+
+
+def test_a_journal_written_as_commit_writes_it_is_replayed(pki: PKI) -> None:
+    store = pki.store
+    [serial] = issue(pki, "alice")
+    cert = store.root / "issued" / "alice.crt"
+    not_after = load_cert(cert).not_valid_after_utc
+    with store.lock:
+        tx = store.transaction()
+        tx.staged.stage(store.root / "issued" / "note.txt", b"staged\n")
+        tx.staged.sync()
+        tx.moves.append(
+            Move.of_existing(cert, store.root / "revoked" / "certs_by_serial" / f"{serial}.crt")
+        )
+        tx.removals.append(store.by_serial_path(serial))
+        revoked = index_line("R", serial, not_after, "/CN=alice", pki.clock.now, Reason.SUPERSEDED)
+        tx.index_lines.append(revoked)
+        journal = {
+            "moves": [move.as_json() for move in [*tx.moves, *tx.staged.moves]],
+            "removals": [str(path) for path in tx.removals],
+            "index": tx.index_lines,
+            "serial": None,
+        }
+        store.journal_path.write_text(json.dumps(journal))
+        # The process dies here: nothing applied yet.
+        assert store.recover() is True
+        after = snapshot(store.root)
+        store.journal_path.write_text(json.dumps(journal))
+        assert store.recover() is True
+        assert snapshot(store.root) == after
+    assert (store.root / "issued" / "note.txt").read_bytes() == b"staged\n"
+    assert not cert.exists()
+    assert not store.by_serial_path(serial).exists()
+    assert index_lines(pki) == [revoked]
+
+
+def test_an_unreadable_journal_is_refused_naming_it(pki: PKI) -> None:
+    pki.store.journal_path.write_text("{not json")
+    with pytest.raises(MalformedFile, match=r"journal\.json"):
+        issue(pki, "alice")
+
+
+def test_a_write_removes_orphaned_temporary_files(pki: PKI) -> None:
+    orphan = pki.root / "issued" / f"{TEMP_PREFIX}0badcafe-alice.crt"
+    orphan.write_bytes(b"left by a crash before the journal\n")
+    issue(pki, "bob")
+    assert not orphan.exists()
