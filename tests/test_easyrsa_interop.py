@@ -1,0 +1,521 @@
+"""certwarden and the real easy-rsa 3.1 / openssl on the same PKI directory, both ways.
+
+Operators keep using easy-rsa by hand next to the daemon, so every file certwarden writes
+must be one that easy-rsa and ``openssl ca`` accept, and the reverse.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from easyrsa import (
+    EasyRSA,
+    assert_openssl_ca_reads_index,
+    audit_pki,
+    openssl,
+    openssl_ca,
+    openssl_serial,
+)
+
+from certwarden.errors import LockHeld
+from certwarden.pki.ca import CertificateAuthority, IssueRequest
+from certwarden.pki.lock import PKILock
+from certwarden.pki.model import KeyType, Profile, Reason, Status
+from certwarden.pki.store import PKIStore
+
+
+def authority(pki: Path) -> CertificateAuthority:
+    return CertificateAuthority(PKIStore(pki))
+
+
+def crl_entry(pki: Path, serial: str) -> x509.RevokedCertificate | None:
+    crl = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+    return crl.get_revoked_certificate_by_serial_number(int(serial, 16))
+
+
+def crl_reason(entry: x509.RevokedCertificate) -> x509.ReasonFlags | None:
+    try:
+        return entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return None
+
+
+def public_der(cert: Path) -> bytes:
+    loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    return loaded.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def shown_serials(text: str) -> str:
+    """`easyrsa show-cert` prints the serial as lowercase hex pairs split by colons."""
+    return "".join(text.split()).replace(":", "").upper()
+
+
+def index_line_of(pki: Path, serial: str) -> list[str]:
+    for line in (pki / "index.txt").read_text().splitlines():
+        fields = line.split("\t")
+        if fields[3] == serial:
+            return fields
+    raise AssertionError(f"serial {serial} not in index.txt")
+
+
+def assert_revoked_like_easyrsa(pki: Path, name: str, serial: str) -> None:
+    """easy-rsa 3.1.0's layout after `revoke NAME`."""
+    assert not (pki / "issued" / f"{name}.crt").exists()
+    assert not (pki / "private" / f"{name}.key").exists()
+    assert not (pki / "certs_by_serial" / f"{serial}.pem").exists()
+    assert openssl_serial(pki / "revoked" / "certs_by_serial" / f"{serial}.crt") == serial
+    assert (pki / "revoked" / "private_by_serial" / f"{serial}.key").is_file()
+    assert index_line_of(pki, serial)[0] == "R"
+
+
+# ---- (a) a certwarden PKI, then easy-rsa ----------------------------------------------------
+
+
+@pytest.fixture(params=[True, False], ids=["host-cnf", "own-cnf"])
+def pki_by_certwarden(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A PKI made by certwarden with a client (alice, bob) and a server (web) certificate."""
+    pki = tmp_path / "pki"
+    ca = authority(pki)
+    ca.init("certwarden test CA", easyrsa_conf_from_host=request.param)
+    ca.issue(
+        [
+            IssueRequest("alice"),
+            IssueRequest("bob"),
+            IssueRequest("web", Profile.SERVER, ("DNS:web.example",)),
+        ]
+    )
+    return pki
+
+
+def test_easyrsa_revoke_moves_certwarden_issued_files(pki_by_certwarden: Path) -> None:
+    pki = pki_by_certwarden
+    easyrsa = EasyRSA(pki)
+    serials = {name: openssl_serial(pki / "issued" / f"{name}.crt") for name in ("alice", "web")}
+
+    easyrsa.run("revoke", "alice")
+    easyrsa.run("revoke", "web", "cessationOfOperation")
+
+    for name, serial in serials.items():
+        assert_revoked_like_easyrsa(pki, name, serial)
+    inventory = PKIStore(pki).inventory()
+    assert inventory.problems == []
+    for serial in serials.values():
+        record = inventory.by_serial(serial)
+        assert record is not None and record.status is Status.REVOKED
+    web = inventory.by_serial(serials["web"])
+    assert web is not None and web.reason is Reason.CESSATION_OF_OPERATION
+    assert audit_pki(pki) == []
+
+
+def test_easyrsa_gen_crl_lists_serials_revoked_by_certwarden(pki_by_certwarden: Path) -> None:
+    pki = pki_by_certwarden
+    ca = authority(pki)
+    (alice,) = ca.revoke("alice", Reason.SUPERSEDED)
+
+    EasyRSA(pki).run("gen-crl")
+
+    check = openssl("crl", "-in", pki / "crl.pem", "-CAfile", pki / "ca.crt", "-noout")
+    assert "verify OK" in check.stdout + check.stderr
+    entry = crl_entry(pki, alice.serial)
+    assert entry is not None and crl_reason(entry) is x509.ReasonFlags.superseded
+    assert crl_entry(pki, openssl_serial(pki / "issued" / "bob.crt")) is None
+
+
+def test_easyrsa_build_full_on_certwarden_pki_appears_in_inventory(pki_by_certwarden: Path) -> None:
+    pki = pki_by_certwarden
+    easyrsa = EasyRSA(pki)
+
+    easyrsa.run("build-client-full", "carol", "nopass")
+    easyrsa.run("build-server-full", "api", "nopass")
+
+    inventory = PKIStore(pki).inventory()
+    assert inventory.problems == []
+    for name, profile in (("carol", Profile.CLIENT), ("api", Profile.SERVER)):
+        record = inventory.current(name)
+        assert record is not None
+        assert record.serial == openssl_serial(pki / "issued" / f"{name}.crt")
+        assert (record.profile, record.status) == (profile, Status.VALID)
+    # certwarden goes on writing the index easy-rsa just rewrote.
+    authority(pki).issue([IssueRequest("dave")])
+    assert audit_pki(pki) == []
+
+
+def test_easyrsa_san_options_work_with_the_pki_openssl_cnf(pki_by_certwarden: Path) -> None:
+    """--subject-alt-name and --copy-ext need marker lines in openssl-easyrsa.cnf.
+
+    Without them easy-rsa silently drops the SAN, which breaks a server certificate.
+    """
+    pki = pki_by_certwarden
+    easyrsa = EasyRSA(pki)
+
+    easyrsa.run("--subject-alt-name=DNS:api.example", "gen-req", "api", "nopass")
+    easyrsa.run("--copy-ext", "sign-req", "server", "api")
+
+    request = openssl("req", "-in", pki / "reqs" / "api.req", "-noout", "-text").stdout
+    assert "DNS:api.example" in request
+    cert = openssl("x509", "-in", pki / "issued" / "api.crt", "-noout", "-ext", "subjectAltName")
+    assert "DNS:api.example" in cert.stdout
+    record = PKIStore(pki).inventory().current("api")
+    assert record is not None and record.profile is Profile.SERVER
+
+
+def test_openssl_ca_reads_certwarden_index(pki_by_certwarden: Path) -> None:
+    pki = pki_by_certwarden
+    (revoked,) = authority(pki).revoke("bob", Reason.KEY_COMPROMISE)
+    valid = openssl_serial(pki / "issued" / "alice.crt")
+
+    # `openssl ca -status` exits 1 even when it found the serial: judge it by its output.
+    assert f"{valid}=Valid (V)" in openssl_ca(pki, "-status", valid, check=False).stderr
+    status = openssl_ca(pki, "-status", revoked.serial, check=False).stderr
+    assert f"{revoked.serial}=Revoked (R)" in status
+    assert_openssl_ca_reads_index(pki)
+    assert audit_pki(pki) == []
+
+
+# ---- (b) an easy-rsa PKI, then certwarden ---------------------------------------------------
+
+EASYRSA_NAMES = {
+    "alice": Profile.CLIENT,
+    "web": Profile.SERVER,
+    "dev": Profile.CLIENT,  # gen-req + sign-req
+    "bob": Profile.CLIENT,
+    "carol": Profile.CLIENT,
+    "erin": Profile.CLIENT,
+}
+
+
+@pytest.fixture(scope="module", params=["ec", "rsa"])
+def easyrsa_template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A PKI made entirely by easy-rsa, built once per algorithm and copied by each test."""
+    pki = tmp_path_factory.mktemp(f"easyrsa-{request.param}") / "pki"
+    easyrsa = EasyRSA(pki)
+    algo = f"--use-algo={request.param}"
+    easyrsa.run("init-pki")
+    easyrsa.run(algo, "build-ca", "nopass", env={"EASYRSA_REQ_CN": "easy-rsa test CA"})
+    easyrsa.run(algo, "build-client-full", "alice", "nopass")
+    easyrsa.run(algo, "build-server-full", "web", "nopass")
+    easyrsa.run(algo, "gen-req", "dev", "nopass")
+    easyrsa.run(algo, "sign-req", "client", "dev")
+    for name in ("bob", "carol", "erin"):
+        easyrsa.run(algo, "build-client-full", name, "nopass")
+    return pki
+
+
+@pytest.fixture
+def pki_by_easyrsa(easyrsa_template: Path, tmp_path: Path) -> Path:
+    pki = tmp_path / "pki"
+    shutil.copytree(easyrsa_template, pki, symlinks=True)
+    return pki
+
+
+def test_certwarden_lists_easyrsa_certificates(pki_by_easyrsa: Path) -> None:
+    inventory = PKIStore(pki_by_easyrsa).inventory()
+
+    assert inventory.problems == []
+    assert sorted(record.name for record in inventory.records) == sorted(EASYRSA_NAMES)
+    for name, profile in EASYRSA_NAMES.items():
+        record = inventory.current(name)
+        assert record is not None
+        assert record.serial == openssl_serial(pki_by_easyrsa / "issued" / f"{name}.crt")
+        assert (record.status, record.profile, record.subject) == (
+            Status.VALID,
+            profile,
+            f"/CN={name}",
+        )
+
+
+def test_certwarden_renew_of_easyrsa_cert_moves_old_files_to_renewed(pki_by_easyrsa: Path) -> None:
+    pki = pki_by_easyrsa
+    old_cert = (pki / "issued" / "alice.crt").read_bytes()
+    old_key = (pki / "private" / "alice.key").read_bytes()
+    old_serial = openssl_serial(pki / "issued" / "alice.crt")
+
+    (renewed,) = authority(pki).renew(["alice"])
+
+    assert (pki / "renewed" / "issued" / "alice.crt").read_bytes() == old_cert
+    assert (pki / "renewed" / "private" / "alice.key").read_bytes() == old_key
+    assert (pki / "renewed" / "reqs" / "alice.req").is_file()
+    assert (pki / "private" / "alice.key").read_bytes() != old_key
+    assert renewed.record.serial == openssl_serial(pki / "issued" / "alice.crt") != old_serial
+    assert renewed.record.profile is Profile.CLIENT
+    assert renewed.record.serial in shown_serials(EasyRSA(pki).run("show-cert", "alice").stdout)
+    records = PKIStore(pki).inventory().of_name("alice")
+    assert [(r.serial, r.status, r.current) for r in records] == [
+        (old_serial, Status.VALID, False),
+        (renewed.record.serial, Status.VALID, True),
+    ]
+    assert audit_pki(pki) == []
+
+
+def test_certwarden_renew_keep_key_of_signed_request_keeps_the_key(pki_by_easyrsa: Path) -> None:
+    pki = pki_by_easyrsa
+    key = (pki / "private" / "dev.key").read_bytes()
+    old_public = public_der(pki / "issued" / "dev.crt")
+
+    (renewed,) = authority(pki).renew(["dev"], keep_key=True)
+
+    assert (pki / "private" / "dev.key").read_bytes() == key
+    assert public_der(pki / "issued" / "dev.crt") == old_public
+    assert openssl_serial(pki / "renewed" / "issued" / "dev.crt") != renewed.record.serial
+    assert renewed.record.serial in shown_serials(EasyRSA(pki).run("show-cert", "dev").stdout)
+    assert audit_pki(pki) == []
+
+
+def test_certwarden_revoke_of_easyrsa_cert_moves_files_like_easyrsa(pki_by_easyrsa: Path) -> None:
+    pki = pki_by_easyrsa
+    serial = openssl_serial(pki / "issued" / "bob.crt")
+    ca = authority(pki)
+
+    ca.revoke("bob", Reason.AFFILIATION_CHANGED)
+    ca.generate_crl()
+
+    assert_revoked_like_easyrsa(pki, "bob", serial)
+    assert (pki / "revoked" / "reqs_by_serial" / f"{serial}.req").is_file()
+    entry = crl_entry(pki, serial)
+    assert entry is not None and crl_reason(entry) is x509.ReasonFlags.affiliation_changed
+    openssl("crl", "-in", pki / "crl.pem", "-CAfile", pki / "ca.crt", "-noout")
+    assert audit_pki(pki) == []
+
+
+def test_certwarden_renew_of_easyrsa_server_keeps_lifetime_and_san(pki_by_easyrsa: Path) -> None:
+    """A renewal gets the old lifetime again, counted from now (minus the backdate)."""
+    old = x509.load_pem_x509_certificate((pki_by_easyrsa / "issued" / "web.crt").read_bytes())
+
+    (renewed,) = authority(pki_by_easyrsa).renew(["web"])
+
+    assert renewed.record.not_before is not None
+    lifetime = renewed.record.not_after - renewed.record.not_before
+    assert abs(lifetime - (old.not_valid_after_utc - old.not_valid_before_utc)) < timedelta(
+        seconds=2
+    )
+    assert renewed.record.profile is Profile.SERVER
+    san = openssl(
+        "x509", "-in", pki_by_easyrsa / "issued" / "web.crt", "-noout", "-ext", "subjectAltName"
+    )
+    assert "DNS:web" in san.stdout
+
+
+def test_easyrsa_keeps_working_after_certwarden_writes(pki_by_easyrsa: Path) -> None:
+    pki = pki_by_easyrsa
+    ca = authority(pki)
+    ca.renew(["alice"])
+    ca.renew(["dev"], keep_key=True)
+    ca.revoke("bob")
+    ca.generate_crl()
+    easyrsa = EasyRSA(pki)
+    carol = openssl_serial(pki / "issued" / "carol.crt")
+
+    easyrsa.run("revoke", "carol")
+    easyrsa.run("gen-crl")
+    easyrsa.run("build-client-full", "frank", "nopass")
+    easyrsa.run("show-cert", "alice")
+
+    assert_revoked_like_easyrsa(pki, "carol", carol)
+    assert crl_entry(pki, carol) is not None
+    inventory = PKIStore(pki).inventory()
+    assert inventory.problems == []
+    frank = inventory.current("frank")
+    assert frank is not None
+    assert (frank.serial, frank.profile) == (
+        openssl_serial(pki / "issued" / "frank.crt"),
+        Profile.CLIENT,
+    )
+    assert_openssl_ca_reads_index(pki)
+    assert audit_pki(pki) == []
+
+
+def test_easyrsa_revocation_reason_is_in_certwarden_crl(pki_by_easyrsa: Path) -> None:
+    pki = pki_by_easyrsa
+    serial = openssl_serial(pki / "issued" / "erin.crt")
+    EasyRSA(pki).run("revoke", "erin", "keyCompromise")
+
+    authority(pki).generate_crl()
+
+    record = PKIStore(pki).inventory().by_serial(serial)
+    assert record is not None
+    assert (record.status, record.reason) == (Status.REVOKED, Reason.KEY_COMPROMISE)
+    entry = crl_entry(pki, serial)
+    assert entry is not None and crl_reason(entry) is x509.ReasonFlags.key_compromise
+    text = openssl("crl", "-in", pki / "crl.pem", "-noout", "-text").stdout
+    assert "Key Compromise" in text
+
+
+# ---- (c) openssl verify with certwarden's CRL -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key_type",
+    [KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048, KeyType.ED25519],
+    ids=str,
+)
+def test_openssl_verify_rejects_revoked_cert_with_certwarden_crl(
+    key_type: KeyType, tmp_path: Path
+) -> None:
+    pki = tmp_path / "pki"
+    ca = authority(pki)
+    ca.init(key_type=key_type)
+    ca.issue([IssueRequest("good", key_type=key_type), IssueRequest("lost", key_type=key_type)])
+    (lost,) = ca.revoke("lost", Reason.KEY_COMPROMISE)
+    ca.generate_crl()
+    verify = ("verify", "-CAfile", pki / "ca.crt", "-crl_check", "-CRLfile", pki / "crl.pem")
+
+    good = openssl(*verify, pki / "issued" / "good.crt")
+    revoked = openssl(
+        *verify, pki / "revoked" / "certs_by_serial" / f"{lost.serial}.crt", check=False
+    )
+
+    assert good.stdout.strip().endswith(": OK")
+    assert revoked.returncode != 0
+    assert "certificate revoked" in revoked.stdout + revoked.stderr
+
+
+# ---- (d) index.txt dates from 2050 on --------------------------------------------------------
+
+
+def test_index_dates_after_2050_use_generalized_time_and_tools_accept_them(
+    tmp_path: Path,
+) -> None:
+    pki = tmp_path / "pki"
+    now = datetime.now(UTC)
+    not_after = datetime(2051, 6, 1, tzinfo=UTC)
+    ca = authority(pki)
+    ca.init(validity=datetime(2053, 1, 1, tzinfo=UTC) - now)
+    (late,) = ca.issue([IssueRequest("late", validity=not_after - now)])
+    ca.issue([IssueRequest("later", validity=not_after - now)])
+
+    fields = index_line_of(pki, late.record.serial)
+    assert len(fields[1]) == 15 and fields[1].startswith("20510601"), fields
+    assert_openssl_ca_reads_index(pki)
+    status = openssl_ca(pki, "-status", late.record.serial, check=False).stderr
+    assert f"{late.record.serial}=Valid (V)" in status
+
+    easyrsa = EasyRSA(pki)
+    easyrsa.run("revoke", "late")
+    days = str((not_after - now).days)
+    easyrsa.run("build-client-full", "by-easyrsa", "nopass", env={"EASYRSA_CERT_EXPIRE": days})
+
+    revoked = index_line_of(pki, late.record.serial)
+    assert revoked[0] == "R" and len(revoked[1]) == 15 and len(revoked[2]) == 13
+    assert_openssl_ca_reads_index(pki)
+    inventory = PKIStore(pki).inventory()
+    assert inventory.problems == []
+    record = inventory.by_serial(late.record.serial)
+    assert record is not None and record.status is Status.REVOKED
+    by_easyrsa = inventory.current("by-easyrsa")
+    assert by_easyrsa is not None and by_easyrsa.not_after.year == 2051
+    authority(pki).revoke("later")
+    assert_openssl_ca_reads_index(pki)
+    assert audit_pki(pki) == []
+
+
+# ---- (e) the shared lock ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_pki(tmp_path: Path) -> Path:
+    pki = tmp_path / "pki"
+    authority(pki).init()
+    return pki
+
+
+@pytest.fixture
+def lock_holder(small_pki: Path) -> Iterator[subprocess.Popen[str]]:
+    """Another certwarden process holding the PKI lock until its stdin closes."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from certwarden.pki.lock import PKILock
+        with PKILock(Path({str(small_pki)!r})):
+            print("held", flush=True)
+            sys.stdin.read()
+        """
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    yield holder
+    holder.kill()
+    holder.wait()
+
+
+def test_lock_held_by_another_certwarden_is_refused_naming_its_pid(
+    small_pki: Path, lock_holder: subprocess.Popen[str]
+) -> None:
+    index = (small_pki / "index.txt").read_bytes()
+
+    with pytest.raises(LockHeld, match=rf"process {lock_holder.pid}\b"):
+        PKILock(small_pki, timeout=0.2).acquire()
+    with pytest.raises(LockHeld, match=str(lock_holder.pid)):
+        CertificateAuthority(PKIStore(small_pki, lock_timeout=0.2)).issue([IssueRequest("x")])
+
+    assert (small_pki / "index.txt").read_bytes() == index
+    assert lock_holder.stdin is not None
+    lock_holder.stdin.close()
+    assert lock_holder.wait(timeout=30) == 0
+    authority(small_pki).issue([IssueRequest("x")])
+    assert not (small_pki / "lock.file").exists()
+
+
+def test_lock_held_by_another_store_of_the_same_process_is_refused(small_pki: Path) -> None:
+    """Two PKIStore objects in one daemon must not write at the same time either."""
+    with PKILock(small_pki):
+        with pytest.raises(LockHeld, match=rf"process {os.getpid()}\b"):
+            PKILock(small_pki, timeout=0.2).acquire()
+        assert (small_pki / "lock.file").read_text() == f"{os.getpid()}\n"
+
+
+def test_lock_file_with_own_pid_but_not_held_here_is_stale(small_pki: Path) -> None:
+    """A restarted container reuses PIDs: our own PID in lock.file may be a dead process's."""
+    (small_pki / "lock.file").write_text(f"{os.getpid()}\n")
+
+    authority(small_pki).issue([IssueRequest("x")])
+
+    assert not (small_pki / "lock.file").exists()
+
+
+def test_easyrsa_32_lock_file_with_live_pid_blocks_certwarden_until_it_dies(
+    small_pki: Path,
+) -> None:
+    """easy-rsa 3.2.3+ takes pki/lock.file (noclobber, its PID inside) while it writes.
+
+    easy-rsa 3.1.0, installed here, ignores lock.file entirely: only 3.2.3 and later create
+    and honour it. So easy-rsa holding the lock is simulated: a live process (`sleep`) whose
+    PID is in lock.file, as 3.2 leaves it while running.
+    """
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (small_pki / "lock.file").write_text(f"{sleeper.pid}\n")
+        index = (small_pki / "index.txt").read_bytes()
+        slow = CertificateAuthority(PKIStore(small_pki, lock_timeout=0.2))
+
+        with pytest.raises(LockHeld, match=rf"process {sleeper.pid}\b"):
+            slow.issue([IssueRequest("alice")])
+        with pytest.raises(LockHeld):
+            slow.generate_crl()
+        assert (small_pki / "index.txt").read_bytes() == index
+        assert (small_pki / "lock.file").read_text() == f"{sleeper.pid}\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    (issued,) = authority(small_pki).issue([IssueRequest("alice")])
+
+    assert issued.record.status is Status.VALID
+    assert not (small_pki / "lock.file").exists()
+    assert audit_pki(small_pki) == []
