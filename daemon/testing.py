@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,6 +281,24 @@ class DaemonProcess:
         self.process.wait()
         if self.notify is not None:
             self.notify.close()
+
+
+def require_tool(name: str, *candidates: Path) -> str:
+    """Where program ``name`` is (on PATH, or one of ``candidates``).
+
+    Skips the test when it is missing, but fails it when $CI is set: a CI run must never
+    pass by skipping the integration tests it exists to run.
+    """
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    for candidate in candidates:
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    message = f"{name}: not installed (the Makefile's system-deps target installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}; CI must run every test, so this is a failure", pytrace=False)
+    pytest.skip(message)
 
 
 def wait_until(

@@ -3,14 +3,13 @@
 - ``pki``: a fresh PKI in ``tmp_path/"pki"`` with its CA, driven by the ``clock`` fixture.
 - ``clock``: a clock that moves only when told; pass it as ``CertificateAuthority(store, clock)``.
 - ``run_cli``: runs ``certwarden.cli.main(argv)`` in this process, returns (code, stdout, stderr).
-- ``require_tool(name)``: skip a test when a program is missing, but fail it when ``$CI`` is
-  set, so that CI never passes by skipping.
+- ``require_tool`` lives in :mod:`certwarden.testing`: it skips a test when a program is
+  missing, but fails it when ``$CI`` is set, so that CI never passes by skipping.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,17 +21,6 @@ import pytest
 from certwarden.cli import main
 from certwarden.pki.ca import CertificateAuthority
 from certwarden.pki.store import PKIStore
-
-
-def require_tool(name: str) -> str:
-    """The path of program ``name`` (on PATH, or a path); skip when absent, fail under $CI."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name}: not installed (the Makefile's system-deps target installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message}; CI must run every test, so this is a failure")
-        pytest.skip(message)
-    return path
 
 
 class Clock:

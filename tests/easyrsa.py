@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from certwarden.testing import require_tool
 
 EASYRSA_LOCATIONS = (
     Path("/usr/share/easy-rsa/easyrsa"),
@@ -58,23 +58,6 @@ _REASONS = frozenset(
         "certificateHold",
     }
 )
-
-
-def require_binary(name: str, *candidates: Path) -> Path:
-    """Where tool ``name`` is; skip the test when it is missing, but fail when CI is set.
-
-    A CI run must never pass by skipping the integration tests it exists to run.
-    """
-    found = shutil.which(name)
-    if found is not None:
-        return Path(found)
-    for candidate in candidates:
-        if os.access(candidate, os.X_OK):
-            return candidate
-    message = f"{name} is not installed (looked on PATH and in {[str(c) for c in candidates]})"
-    if "CI" in os.environ:
-        pytest.fail(f"{message}; CI is set, so this test must not be skipped", pytrace=False)
-    pytest.skip(message)
 
 
 class CommandFailed(AssertionError):
@@ -124,7 +107,7 @@ class EasyRSA:
 
     def __init__(self, pki_dir: Path, binary: Path | None = None) -> None:
         self.pki_dir = Path(pki_dir).absolute()
-        self.binary = binary or require_binary("easyrsa", *EASYRSA_LOCATIONS)
+        self.binary = binary or Path(require_tool("easyrsa", *EASYRSA_LOCATIONS))
 
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = _environment_without_easyrsa()
@@ -152,7 +135,7 @@ def openssl(
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``openssl ARGS``; raises :class:`CommandFailed` with its output on failure."""
-    binary = require_binary("openssl")
+    binary = Path(require_tool("openssl"))
     environment = _environment_without_easyrsa()
     environment.update(env or {})
     return run_command([binary, *args], env=environment, check=check, input=input)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import RunCli, require_tool
+from conftest import RunCli
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 import certwarden
 from certwarden.pki.index import format_serial, parse_index
 from certwarden.pki.store import PKIStore
+from certwarden.testing import require_tool
 
 SERIAL = re.compile(r"\A(?:[0-9A-F]{2})+\Z")
 

@@ -30,7 +30,7 @@ from easyrsa import (
     audit_pki,
     certwarden_command,
     certwarden_environment,
-    require_binary,
+    require_tool,
     run_command,
 )
 
@@ -196,7 +196,7 @@ def record_known(pki: Path, known: dict[str, str]) -> None:
 
 @pytest.fixture
 def pki_dir(tmp_path: Path) -> Path:
-    require_binary("openssl")
+    require_tool("openssl")
     path = tmp_path / "pki"
     CertificateAuthority(PKIStore(path)).init()
     return path

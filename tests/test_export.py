@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PKI, require_tool
+from conftest import PKI
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -23,6 +23,7 @@ from certwarden.pki.export import (
     load_identity,
 )
 from certwarden.pki.x509 import pem_blocks
+from certwarden.testing import require_tool
 
 PASSWORD = "k7fq2-mz9xa-3hj4p-wr8tn"
 # The documented alphabet: lowercase letters and digits without the look-alikes 0 o 1 l i.
