@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from certwarden.errors import NotFound, PKIError
 from certwarden.pki.export import BundleFormat, Identity, export_bundle
@@ -176,7 +177,10 @@ class CRLInfo:
         return _read(self.pem_path)
 
     def der(self) -> bytes:
-        return _read(self.der_path)
+        # Converted from crl.pem, not read from der_path: easy-rsa 3.1's gen-crl writes only
+        # crl.pem, so crl.der may still hold the CRL before it.
+        crl = x509.load_pem_x509_crl(self.pem())
+        return crl.public_bytes(serialization.Encoding.DER)
 
     @classmethod
     def from_crl(cls, crl: x509.CertificateRevocationList, data: bytes, pki_dir: Path) -> CRLInfo:

@@ -231,10 +231,13 @@ class StateStore:
             ).fetchall()
         return [Delivery(**dict(row)) for row in rows]
 
-    def next_retry_at(self) -> float | None:
+    def next_retry_at(self, after: float = 0.0) -> float | None:
+        """When the next failed delivery is due for a retry, counting only times past ``after``."""
         with self._lock:
             row = self._db.execute(
-                "SELECT MIN(next_attempt_at) AS at FROM deliveries WHERE status = 'failed'"
+                "SELECT MIN(next_attempt_at) AS at FROM deliveries "
+                "WHERE status = 'failed' AND next_attempt_at > ?",
+                (after,),
             ).fetchone()
         return None if row is None or row["at"] is None else float(row["at"])
 

@@ -405,13 +405,18 @@ class CertificateAuthority:
                 )
             key = generate_key(key_type or key_type_of(public))
             public = key.public_key()
-        lifetime = validity or (old.not_valid_after_utc - old.not_valid_before_utc)
+        # As `issue` does: a given validity counts from now. The old lifetime already holds
+        # its backdate, so it counts from the new backdated start.
+        if validity is not None:
+            not_after = now + validity
+        else:
+            not_after = now - BACKDATE + (old.not_valid_after_utc - old.not_valid_before_utc)
         template = CertificateTemplate(
             name=name,
             profile=kind if (kind := profile_of(old)) is not Profile.UNKNOWN else current.profile,
             sans=tuple(sans_of(old)),
             not_before=now - BACKDATE,
-            not_after=_clamp(now - BACKDATE + lifetime, signer.cert),
+            not_after=_clamp(not_after, signer.cert),
         )
         renewed = store.root / "renewed"
         tx.moves.append(Move.of_existing(cert_path, renewed / "issued" / f"{name}.crt"))
@@ -534,7 +539,10 @@ class CertificateAuthority:
                 log.warning("%s; writing a new one", exc)
             now = self.clock()
             number = self._next_crl_number(previous, now)
-            last_update = (now - BACKDATE).replace(microsecond=0)
+            # Backdated for clock skew, but by at most a quarter of the validity: a CRL of a
+            # minute or less would otherwise be due for its refresh (policy.crl_refresh_at)
+            # the moment it is made, and the daemon would regenerate it in a loop.
+            last_update = (now - min(BACKDATE, validity / 4)).replace(microsecond=0)
             next_update = (now + validity).replace(microsecond=0)
             crl = signer.crl(revoked, number, last_update, next_update, previous)
             tx = store.transaction()
