@@ -104,7 +104,7 @@ def _section(heading: str, text: str, model: type[BaseModel], level: int = 2) ->
         kind = hint.type or _type_label(field.annotation)
         default = hint.default or _default(field)
         description = " ".join((field.description or "").split())
-        cells = (f"`{name}`", kind, default, description)
+        cells = (f"`{field.alias or name}`", kind, default, description)
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return f"{'#' * level} `{heading}`\n\n{text}\n" + "\n".join(rows) + "\n"
 

@@ -1,0 +1,308 @@
+"""Apple configuration profiles: their shape, renewals replacing them, signing, the CLI."""
+
+from __future__ import annotations
+
+import plistlib
+import re
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import PKI, RunCli
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import NameOID
+from mdmserver import OpenedProfile, assert_apple_pkcs12
+
+from certwarden.errors import PKIError
+from certwarden.pki.ca import IssueRequest
+from certwarden.pki.export import Identity, load_identity
+from certwarden.pki.mobileconfig import (
+    ProfileOptions,
+    ProfileSigner,
+    build_mobileconfig,
+    profile_identifier,
+    sign_profile,
+)
+from certwarden.testing import require_tool
+
+PASSWORD = "k7fq2-mz9xa-3hj4p-wr8tn"
+UUID4 = re.compile(r"[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}")
+
+
+@pytest.fixture
+def identity(pki: PKI) -> Identity:
+    pki.ca.issue([IssueRequest("alice-phone")])
+    return load_identity(pki.store, "alice-phone")
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_profile_installs_the_ca_as_root_and_the_identity_as_pkcs12(
+    pki: PKI, identity: Identity
+) -> None:
+    options = ProfileOptions(
+        identifier_prefix="com.example.certs",
+        display_name="{name} at Example",
+        organization="Example Ltd",
+    )
+    opened = OpenedProfile.parse(build_mobileconfig(identity, PASSWORD, options))
+    plist = opened.plist
+    assert plist["PayloadVersion"] == 1
+    assert plist["PayloadIdentifier"] == "com.example.certs.alice-phone"
+    assert plist["PayloadDisplayName"] == "alice-phone at Example"
+    assert plist["PayloadOrganization"] == "Example Ltd"
+    assert all(UUID4.fullmatch(value) for value in opened.uuids())
+    assert [p["PayloadType"] for p in plist["PayloadContent"]] == [
+        "com.apple.security.root",
+        "com.apple.security.pkcs12",
+    ]
+    root = plist["PayloadContent"][0]
+    assert root["PayloadVersion"] == 1
+    assert root["PayloadCertificateFileName"].endswith(".cer")
+    assert root["PayloadContent"] == der(pki.store.ca_certificate())
+    payload = opened.pkcs12_payload
+    assert payload["PayloadCertificateFileName"] == "alice-phone.p12"
+    assert "Password" not in payload  # by default the device asks for it
+    key, cert, chain = pkcs12.load_key_and_certificates(opened.pkcs12, PASSWORD.encode())
+    assert cert is not None and key is not None
+    assert der(cert) == der(identity.cert)
+    assert [der(c) for c in chain] == [der(c) for c in identity.chain]
+
+
+def test_embedded_password_opens_the_pkcs12(identity: Identity) -> None:
+    options = ProfileOptions(embed_password=True)
+    opened = OpenedProfile.parse(build_mobileconfig(identity, PASSWORD, options))
+    password = opened.pkcs12_payload["Password"]
+    assert password == PASSWORD
+    _, cert, _ = pkcs12.load_key_and_certificates(opened.pkcs12, password.encode())
+    assert cert is not None and der(cert) == der(identity.cert)
+
+
+def test_renewed_profile_keeps_its_identifiers_with_fresh_uuids(
+    pki: PKI, identity: Identity
+) -> None:
+    before = OpenedProfile.parse(build_mobileconfig(identity, PASSWORD))
+    pki.clock.advance(timedelta(days=1))
+    pki.ca.renew(["alice-phone"])
+    renewed = load_identity(pki.store, "alice-phone")
+    after = OpenedProfile.parse(build_mobileconfig(renewed, PASSWORD))
+    assert renewed.serial != identity.serial
+    assert after.identifiers() == before.identifiers()
+    assert after.identifiers()[0] == profile_identifier("certwarden", "alice-phone")
+    assert not set(after.uuids()) & set(before.uuids())
+    _, cert, _ = pkcs12.load_key_and_certificates(after.pkcs12, PASSWORD.encode())
+    assert cert is not None and der(cert) == der(renewed.cert)
+
+
+def test_openssl_sees_sha1_mac_and_3des_in_the_profile_pkcs12(
+    identity: Identity, tmp_path: Path
+) -> None:
+    opened = OpenedProfile.parse(build_mobileconfig(identity, PASSWORD))
+    assert_apple_pkcs12(opened.pkcs12, PASSWORD, tmp_path)
+
+
+def test_identifier_prefix_must_be_reverse_dns() -> None:
+    assert profile_identifier("com.example", "bob") == "com.example.bob"
+    for bad in ("", ".com", "com..x", "com example", "com/x"):
+        with pytest.raises(ValueError, match="reverse-DNS"):
+            profile_identifier(bad, "bob")
+
+
+# ---- signing ----------------------------------------------------------------------------------
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool,
+) -> x509.Certificate:
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, signing_key = (issuer[0].subject, issuer[1]) if issuer else (name, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+@pytest.fixture(params=["ec", "rsa"])
+def signing_chain(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(root CA file, signing cert + intermediate file, signing key file)."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _cert("Profile Root", root_key, None, ca=True)
+    middle_key = ec.generate_private_key(ec.SECP256R1())
+    middle = _cert("Profile Intermediate", middle_key, (root, root_key), ca=True)
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        ec.generate_private_key(ec.SECP256R1())
+        if request.param == "ec"
+        else rsa.generate_private_key(65537, 2048)
+    )
+    leaf = _cert("Profile Signer", key, (middle, middle_key), ca=False)
+    pem = serialization.Encoding.PEM
+    root_file = tmp_path / "root.pem"
+    root_file.write_bytes(root.public_bytes(pem))
+    cert_file = tmp_path / "signer.pem"
+    cert_file.write_bytes(leaf.public_bytes(pem) + middle.public_bytes(pem))
+    key_file = tmp_path / "signer.key"
+    key_file.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_file.chmod(0o600)
+    return root_file, cert_file, key_file
+
+
+def test_openssl_cms_verifies_a_signed_profile_and_returns_the_plist_byte_for_byte(
+    identity: Identity, tmp_path: Path, signing_chain: tuple[Path, Path, Path]
+) -> None:
+    openssl = require_tool("openssl")
+    root_file, cert_file, key_file = signing_chain
+    signer = ProfileSigner.from_pem(
+        cert_file.read_bytes(), key_file.read_bytes(), cert_where="signer.pem", key_where="k"
+    )
+    plist = build_mobileconfig(identity, PASSWORD)
+    signed = tmp_path / "signed.mobileconfig"
+    signed.write_bytes(sign_profile(plist, signer))
+    out = tmp_path / "out.plist"
+    # Only the root is trusted: the intermediate must come from the signature itself, and
+    # without -content the plist must be embedded in it.
+    done = subprocess.run(
+        [
+            openssl, "cms", "-verify", "-in", str(signed), "-inform", "DER",
+            "-CAfile", str(root_file), "-out", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "Verification successful" in done.stderr
+    assert out.read_bytes() == plist
+
+
+def test_signer_key_must_match_its_certificate(
+    tmp_path: Path, signing_chain: tuple[Path, Path, Path]
+) -> None:
+    _, cert_file, _ = signing_chain
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(PKIError, match="does not belong"):
+        ProfileSigner.from_pem(cert_file.read_bytes(), other, cert_where="c", key_where="k")
+
+
+# ---- certwarden export --format mobileconfig ----------------------------------------------------
+
+
+def test_export_writes_a_profile_and_shows_the_password_once(
+    pki: PKI, identity: Identity, run_cli: RunCli, tmp_path: Path
+) -> None:
+    out = tmp_path / "alice.mobileconfig"
+    argv: list[str | Path] = [
+        "--pki", pki.root, "export", "alice-phone", "--format", "mobileconfig", "--out", out
+    ]  # fmt: skip
+    code, stdout, stderr = run_cli(
+        [*argv, "--identifier-prefix", "com.example", "--organization", "Ex"]
+    )
+    assert (code, stderr) == (0, "")
+    [password] = re.findall(r"^password: (\S+)$", stdout, re.MULTILINE)
+    assert stdout.count(password) == 1
+    assert out.stat().st_mode & 0o777 == 0o600
+    opened = OpenedProfile.parse(out.read_bytes())
+    assert opened.plist["PayloadIdentifier"] == "com.example.alice-phone"
+    assert opened.plist["PayloadOrganization"] == "Ex"
+    assert "Password" not in opened.pkcs12_payload
+    _, cert, _ = pkcs12.load_key_and_certificates(opened.pkcs12, password.encode())
+    assert cert is not None and der(cert) == der(identity.cert)
+
+
+def test_export_can_embed_the_password_and_then_does_not_print_it(
+    pki: PKI, identity: Identity, run_cli: RunCli, tmp_path: Path
+) -> None:
+    out = tmp_path / "alice.mobileconfig"
+    argv: list[str | Path] = [
+        "--pki", pki.root, "export", "alice-phone", "--format", "mobileconfig", "--out", out
+    ]  # fmt: skip
+    code, stdout, _ = run_cli([*argv, "--embed-password"])
+    assert code == 0
+    assert "password:" not in stdout
+    opened = OpenedProfile.parse(out.read_bytes())
+    password = opened.pkcs12_payload["Password"]
+    assert password not in stdout
+    pkcs12.load_key_and_certificates(opened.pkcs12, password.encode())
+
+
+def test_export_signs_with_sign_cert_and_sign_key(
+    pki: PKI,
+    identity: Identity,
+    run_cli: RunCli,
+    tmp_path: Path,
+    signing_chain: tuple[Path, Path, Path],
+) -> None:
+    openssl = require_tool("openssl")
+    root_file, cert_file, key_file = signing_chain
+    out = tmp_path / "signed.mobileconfig"
+    argv: list[str | Path] = [
+        "--pki", pki.root, "export", "alice-phone", "--format", "mobileconfig", "--out", out
+    ]  # fmt: skip
+    code, _, stderr = run_cli([*argv, "--sign-cert", cert_file, "--sign-key", key_file])
+    assert code == 0, stderr
+    plist_out = tmp_path / "plist"
+    done = subprocess.run(
+        [
+            openssl, "cms", "-verify", "-in", str(out), "-inform", "DER",
+            "-CAfile", str(root_file), "-out", str(plist_out),
+        ],
+        capture_output=True,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert plistlib.loads(plist_out.read_bytes())["PayloadType"] == "Configuration"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--format", "p12", "--organization", "Ex"],
+            "--organization: only for --format mobileconfig",
+        ),
+        (["--format", "mobileconfig", "--identifier-prefix", "bad prefix"], "--identifier-prefix"),
+        (
+            ["--format", "mobileconfig", "--sign-key", "KEY"],
+            "--sign-cert and --sign-key go together",
+        ),
+    ],
+)
+def test_export_profile_options_are_checked(
+    pki: PKI,
+    identity: Identity,
+    run_cli: RunCli,
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("unused")
+    extra = [str(key) if item == "KEY" else item for item in extra]
+    argv: list[str | Path] = ["--pki", pki.root, "export", "alice-phone", "--out", tmp_path / "x"]
+    argv += extra
+    code, _, stderr = run_cli(argv)
+    assert code == 64
+    assert message in stderr
