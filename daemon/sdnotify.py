@@ -22,7 +22,10 @@ class Notifier:
         usec = os.environ.get("WATCHDOG_USEC")
         pid = os.environ.get("WATCHDOG_PID")
         self.watchdog_interval: float | None = None
-        if usec and usec.isdigit() and (pid is None or pid == str(os.getpid())):
+        # WATCHDOG_PID naming another process (we were started by a wrapper, or inherited its
+        # environment): that watchdog is not ours to feed, or we would keep a hung parent alive.
+        self._foreign_watchdog = pid is not None and pid != str(os.getpid())
+        if usec and usec.isdigit() and int(usec) > 0 and not self._foreign_watchdog:
             self.watchdog_interval = int(usec) / 1_000_000
 
     @property
@@ -53,4 +56,5 @@ class Notifier:
         self.send("STOPPING=1")
 
     def watchdog(self) -> None:
-        self.send("WATCHDOG=1")
+        if not self._foreign_watchdog:
+            self.send("WATCHDOG=1")
