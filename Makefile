@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DEBIAN_PACKAGES := easy-rsa openssl nginx nftables curl iproute2 chromium
+DEBIAN_PACKAGES := easy-rsa openssl nginx nftables curl iproute2 chromium systemd linux-libc-dev
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck unit bench clean system-deps

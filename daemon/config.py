@@ -532,6 +532,61 @@ class DaemonSettings(_Table):
         return value
 
 
+def _ip_address(value: object) -> str:
+    # An address, never a host name: a name would be resolved through DNS at every start.
+    if not isinstance(value, str):
+        raise ValueError('must be an IP address written as a string, such as "127.0.0.1"')
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+IPAddress = Annotated[str, PlainValidator(_ip_address), DocHint(type="IP address")]
+
+
+class MetricsSettings(_Table):
+    """The Prometheus endpoint (`/metrics`): certificate expiry and renewal times, CRL
+    freshness, deliveries and renewals; docs/monitoring.md lists the metrics.
+
+    It speaks plain HTTP without authentication: keep it on a loopback address, or open it
+    only to the Prometheus server.
+    """
+
+    enabled: Annotated[bool, Strict()] = Field(
+        default=False,
+        description="Whether the daemon serves metrics.",
+    )
+    address: IPAddress = Field(
+        default="127.0.0.1",
+        description="Address to listen on: `127.0.0.1` or `::1` for this host only, `0.0.0.0` "
+        "or `::` for every interface.",
+    )
+    port: Annotated[int, Strict(), Field(ge=1, le=65535)] = Field(
+        default=9811,
+        description="TCP port to listen on. Prometheus's list of exporter ports is full; pick "
+        "another if 9811 is taken on this host.",
+    )
+
+
+class StatusSettings(_Table):
+    """When `certwarden status` says that something needs a person (and exits 2)."""
+
+    failing_for: DurationOrZero = Field(
+        default=timedelta(hours=1),
+        description="How long a delivery may keep failing, or a due renewal stay undone, "
+        'before it needs a person; retries go on meanwhile. `"0s"` reports every failure '
+        "at once.",
+    )
+    crl_margin: Duration = Field(
+        default=timedelta(days=2),
+        description="A CRL with less than this left before its nextUpdate needs a person: "
+        "crl.pem and the CRLs plugins deployed. For a CRL too short-lived for it (refreshed "
+        "later than this before its nextUpdate), half the time between its planned refresh "
+        "and its nextUpdate is used instead.",
+    )
+
+
 class ProfileSettings(_Table):
     """How certificates are issued and renewed: one ``[profiles.NAME]`` table per profile.
 
@@ -651,6 +706,8 @@ class Config(_Table):
     state: StateSettings = Field(default_factory=StateSettings)
     crl: CRLSettings = Field(default_factory=CRLSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
     profiles: dict[ProfileName, ProfileSettings] = Field(default_factory=_default_profiles)
     plugins: Mapping[str, PluginSettings] = Field(default_factory=dict)
     devices: tuple[Device, ...] = ()

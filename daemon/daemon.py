@@ -14,9 +14,11 @@ import re
 import signal
 import sys
 import threading
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -26,6 +28,7 @@ from certwarden.dispatch import Dispatcher, RetryPolicy
 from certwarden.engine import Engine, Outlook
 from certwarden.errors import CertwardenError, ConfigError
 from certwarden.hookspecs import PluginContext
+from certwarden.metrics import MetricsEndpoint
 from certwarden.pki.store import PKIStore
 from certwarden.plugin_manager import PluginSet, load_config_and_plugins
 from certwarden.sdnotify import Notifier
@@ -48,6 +51,12 @@ class RedactKeys(logging.Filter):
         if "PRIVATE KEY-----" in message:
             record.msg = _PRIVATE_KEY.sub("[private key redacted]", message)
             record.args = None
+        if record.exc_info and not record.exc_text:
+            # The formatter would append the traceback unfiltered: an exception's message can
+            # hold the key too. Formatted here once; the formatter reuses exc_text.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and "PRIVATE KEY-----" in record.exc_text:
+            record.exc_text = _PRIVATE_KEY.sub("[private key redacted]", record.exc_text)
         return True
 
 
@@ -58,12 +67,23 @@ class _JournalFormatter(logging.Formatter):
         return prefix + super().format(record)
 
 
+def _stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd gave us, not merely when JOURNAL_STREAM
+    is set: a terminal opened from a desktop session inherits that variable (systemd.exec(5))."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return f"{info.st_dev}:{info.st_ino}" == f"{device}:{inode}"
+
+
 def configure_logging(level: str) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
+    if _stderr_is_journal():
         handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(
@@ -112,6 +132,13 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._status = ""
+        # Guards _stopping: see _add_job.
+        self._jobs_lock = threading.Lock()
+        self._stopping = False
+        # The debounce of PKI changes: see _on_pki_change.
+        self._watch_lock = threading.Lock()
+        self._watch_pending = False
+        self._last_change = 0.0
 
     # ---- signals -----------------------------------------------------------------------------
 
@@ -167,6 +194,10 @@ class Daemon:
         self.scheduler.start()
         self._schedule_periodic()
         self._plan(outlook)
+        self.metrics = MetricsEndpoint(
+            lambda: self.config, self.dispatcher, lambda: self.engine.last_reconcile
+        )
+        self.metrics.apply(config.metrics)
         self.watcher = PKIWatcher(store.root, self._on_pki_change)
         self.watcher.start()
         self.notifier.ready(outlook.status_line())
@@ -189,11 +220,14 @@ class Daemon:
         self.notifier.stopping()
         log.info("stopping")
         self.watcher.stop()
+        with self._jobs_lock:
+            self._stopping = True
         self.scheduler.shutdown(wait=True)  # lets a running renewal or reconcile finish
         timeout = self.config.daemon.shutdown_timeout.total_seconds()
         if not self.dispatcher.stop(timeout):
             log.warning("deliveries still running after %g s; they will be retried", timeout)
         self.dispatcher.call_lifecycle("certwarden_daemon_stopping")
+        self.metrics.stop()
         self.state.close()
         log.info("stopped")
 
@@ -232,6 +266,7 @@ class Daemon:
         self.dispatcher.retry = RetryPolicy(config.daemon.retry_initial, config.daemon.retry_max)
         self.dispatcher.configure(plugin_contexts(config, self.plugins))
         self.engine.config = config
+        self.metrics.apply(config.metrics)
         self._schedule_periodic()
         self._submit("reconcile", self.engine.reconcile)
         self.notifier.ready(self._status)
@@ -252,18 +287,31 @@ class Daemon:
         if isinstance(outlook, Outlook):
             self._plan(outlook)
 
+    def _add_job(self, *args: Any, **kwargs: Any) -> None:
+        # apscheduler's shutdown(wait=True) holds its job store lock while it waits for the
+        # running job; if that job (or a delivery worker) then added a job, it would wait for
+        # that lock forever and the daemon would never exit. Once stopping, add nothing.
+        with self._jobs_lock:
+            if not self._stopping:
+                self.scheduler.add_job(*args, **kwargs)
+
     def _submit(self, job_id: str, work: object, at: datetime | None = None) -> None:
-        self.scheduler.add_job(
+        self._add_job(
             self._run_job,
             "date",
             run_date=at or datetime.now(UTC),
             args=(job_id, work),
             id=job_id,
             replace_existing=True,
+            # A job submitted while the last run of the same id still runs (a renewal job
+            # planning the next one, a change seen during a reconcile) must not be skipped as
+            # "maximum number of running instances reached": a date job that is skipped is
+            # gone. The single worker thread still runs them one after the other.
+            max_instances=2,
         )
 
     def _schedule_periodic(self) -> None:
-        self.scheduler.add_job(
+        self._add_job(
             self._run_job,
             "interval",
             seconds=self.config.daemon.reconcile_interval.total_seconds(),
@@ -292,7 +340,7 @@ class Daemon:
         job = self.scheduler.get_job("retry") if self.scheduler.running else None
         if job is not None and job.next_run_time is not None and job.next_run_time <= when:
             return
-        self.scheduler.add_job(
+        self._add_job(
             self.dispatcher.enqueue_open,
             "date",
             run_date=when,
@@ -302,9 +350,32 @@ class Daemon:
         )
 
     def _on_pki_change(self, path: str) -> None:
+        # Called for every inotify event: a dozen per easy-rsa command, 15 per certificate in
+        # a renewal burst. Rescheduling an apscheduler job each time took a third of the
+        # daemon's CPU in a burst of 10,000; only the first change after a reconcile schedules
+        # one, and that job waits until the folder has been quiet for the debounce period.
         log.debug("PKI changed: %s", path)
-        debounce = self.config.daemon.debounce
-        self._submit("reconcile-watch", self.engine.reconcile, datetime.now(UTC) + debounce)
+        with self._watch_lock:
+            self._last_change = time.monotonic()
+            if self._watch_pending:
+                return
+            self._watch_pending = True
+        self._submit("reconcile-watch", self._reconcile_when_quiet, self._quiet_at())
+
+    def _quiet_at(self) -> datetime:
+        """When the PKI will have been quiet for the debounce period, if nothing else changes."""
+        debounce = self.config.daemon.debounce.total_seconds()
+        remaining = self._last_change + debounce - time.monotonic()
+        return datetime.now(UTC) + timedelta(seconds=max(remaining, 0.0))
+
+    def _reconcile_when_quiet(self) -> Outlook | None:
+        with self._watch_lock:
+            at = self._quiet_at()
+            if at > datetime.now(UTC):  # changed again since: wait for the rest of the quiet
+                self._submit("reconcile-watch", self._reconcile_when_quiet, at)
+                return None
+            self._watch_pending = False  # a change from now on schedules the next reconcile
+        return self.engine.reconcile()
 
 
 def run(config_path: Path) -> int:

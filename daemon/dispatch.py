@@ -283,7 +283,9 @@ class Dispatcher(PluginHost):
             self._announce_next_retry()
 
     def _announce_next_retry(self) -> None:
-        at = self.state.next_retry_at()
+        # Only retries still to come: those already due were just queued, or belong to a
+        # disabled plugin; scheduling them again would wake the scheduler at once, forever.
+        at = self.state.next_retry_at(after=time.time())
         if at is not None:
             self.on_retry_scheduled(at)
 

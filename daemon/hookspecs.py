@@ -14,9 +14,10 @@ Event arguments are immutable records (:mod:`certwarden.events`), never the stor
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pluggy
 
@@ -68,6 +69,30 @@ class HealthProblem:
 
     plugin: str
     message: str
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One value a plugin reports for the Prometheus endpoint (``certwarden_metrics``).
+
+    ``name`` starts with ``certwarden_`` and ends with its unit, Prometheus style
+    (``_timestamp_seconds``, ``_seconds``, ``_bytes``; a counter ends with ``_total``).
+    ``labels`` tell samples of one name apart; keep their values few and stable (a target
+    path, not a serial), and leave out ``plugin``: certwarden adds it. ``help`` describes the
+    metric; the first sample of a name that has one gives it.
+    """
+
+    name: str
+    value: float
+    labels: Mapping[str, str] = field(default_factory=dict)
+    help: str = ""
+    kind: Literal["gauge", "counter"] = "gauge"
+
+
+DEPLOYED_CRL_NEXT_UPDATE = "certwarden_deployed_crl_next_update_timestamp_seconds"
+"""The metric through which a plugin reports the nextUpdate of a CRL it deployed, one sample
+per target (label ``target``). The dashboard, the alert rules and ``certwarden status`` (which
+applies ``[status] crl_margin`` to it) know this name."""
 
 
 # ---- life cycle -------------------------------------------------------------------------
@@ -156,6 +181,20 @@ def certwarden_health() -> list[HealthProblem]:
     """Return what needs a person now (a deployed CRL about to expire); empty when all is well.
 
     ``certwarden status`` gathers every plugin's answer and exits non-zero if any is given.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def certwarden_metrics() -> list[MetricSample]:
+    """Return values for the Prometheus endpoint, as they are now (see :class:`MetricSample`).
+
+    Called at every scrape of ``[metrics]``, on its own thread with a timeout of at most 5 s,
+    and by ``certwarden status``: answer from what the plugin already knows or can read from
+    local files; do not contact remote systems. A plugin that deploys a CRL reports its
+    nextUpdate per target under :data:`DEPLOYED_CRL_NEXT_UPDATE`. Samples with a malformed
+    name or labels are dropped and logged; an exception or a timeout drops this plugin's
+    samples for that scrape and sets ``certwarden_plugin_metrics_up{plugin}`` to 0.
     """
     raise NotImplementedError
 

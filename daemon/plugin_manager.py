@@ -31,6 +31,10 @@ from certwarden.pki.names import is_valid_name
 # Registered in this order; each is an ordinary plugin with its own [plugins.NAME] section.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "certwarden.plugins.exec",
+    "certwarden.plugins.nginx",
+    "certwarden.plugins.mdm",
+    "certwarden.plugins.email",
+    "certwarden.plugins.firewall",
 )
 ENTRY_POINT_GROUP = "certwarden.plugins"
 

@@ -1,9 +1,10 @@
-"""Human output on a terminal: aligned tables of certificates."""
+"""Human output on a terminal: aligned tables of certificates, and the status picture."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import click
@@ -47,35 +48,159 @@ def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
 
 
-def echo_status(report: StatusReport) -> None:
-    """Needs-attention items first, then certificates by next renewal, the CRL, deliveries."""
+def _short(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%MZ")
+
+
+FULL, SHADE, LIGHT, DOT = "\u2588", "\u2592", "\u2591", "\u25cf"  # blocks, shades, a dot
+TIMELINE_WIDTH = 30
+TIMELINE_ROWS = 40  # the most urgent certificates; --json and --html FILE list them all
+_FG = {"red": "red", "yellow": "yellow", "green": "green"}
+_RANK = {"red": 0, "yellow": 1, "green": 2}
+
+
+def timeline_columns(
+    now: datetime, renew_at: datetime, not_after: datetime, horizon: timedelta, width: int
+) -> tuple[int, int]:
+    """(columns until the renewal, columns until the expiry) of a bar ``width`` wide that
+    spans ``horizon`` from ``now``: the bar's length is the time the certificate has left."""
+
+    def column(moment: datetime) -> int:
+        share = (moment - now) / horizon
+        return max(0, min(width, math.ceil(share * width)))
+
+    end = column(not_after)
+    return min(column(renew_at), end), end
+
+
+def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
+    """What needs a person first, then failing deliveries, the CRL, and a timeline of the
+    certificates: a bar each, as long as the time it has left, coloured by urgency."""
+    from certwarden.status import describe_delta, next_try
+
+    now = report.now
+    click.secho(f"certwarden status at {_short(now)}", bold=True)
+    click.echo()
     if report.needs_attention:
         click.secho("NEEDS ATTENTION", fg="red", bold=True)
         for item in report.needs_attention:
             click.secho(f"  ! {item}", fg="red")
-        click.echo()
-    rows = []
-    for plan in report.plans:
-        renew = _when(plan.due_at) if plan.renewable else "manual: " + (plan.reason or "")[:40]
-        rows.append([plan.record.name, plan.record.serial, _when(plan.record.not_after), renew])
-    echo_table(rows, ("NAME", "SERIAL", "EXPIRES", "RENEWS"))
-    click.echo()
-    if report.crl is None:
-        click.echo("CRL: none")
     else:
-        crl = report.crl
+        click.secho("Nothing needs a person.", fg="green")
+    click.echo()
+
+    failing = report.failing_deliveries
+    if failing:
+        click.secho(f"FAILING DELIVERIES ({len(failing)})", bold=True)
+        table = [
+            [
+                d.plugin,
+                d.event_kind,
+                d.subject,
+                describe_delta(now - datetime.fromtimestamp(d.created_at, UTC), signed=False),
+                str(d.attempts),
+                next_try(d, now),
+                (d.last_error or "")[:60],
+            ]
+            for d in failing[:rows]
+        ]
+        echo_table(table, ("PLUGIN", "EVENT", "SUBJECT", "FAILING FOR", "TRIES", "NEXT", "ERROR"))
+        if len(failing) > rows:
+            click.echo(f"... and {len(failing) - rows} more; --json lists them all")
+        click.echo()
+
+    click.secho("CRL", bold=True)
+    crl = report.crl
+    if crl is None:
+        click.secho("  none: crl.pem is missing or unreadable", fg="red")
+    else:
+        if crl.next_update is not None:
+            # Its validity from lastUpdate to nextUpdate: the time used light, the time left full.
+            lifetime = crl.next_update - crl.last_update
+            _, used = timeline_columns(crl.last_update, now, now, lifetime, 20)
+            bar = LIGHT * used + FULL * (20 - used)
+            left = describe_delta(crl.next_update - now)
+            click.echo("  ", nl=False)
+            click.secho(bar, fg=_FG[crl.urgency.value], nl=False)
+            click.echo(
+                f"  {crl.state.value.replace('_', ' ')}: next update "
+                f"{_short(crl.next_update)} ({left})"
+            )
+        else:
+            click.echo("  no nextUpdate: the CRL never expires")
         click.echo(
-            f"CRL: number {crl.number}, {crl.revoked} revoked, next update "
-            f"{_when(crl.next_update)}, refresh at {_when(crl.refresh_at)}"
+            f"  number {crl.number}, {crl.revoked} revoked, issued {_short(crl.last_update)}, "
+            f"refresh {_short(crl.refresh_at)} ({describe_delta(crl.refresh_at - now)}), "
+            f"margin {describe_delta(crl.margin, signed=False)}"
         )
+    for deployed in report.deployed_crls:
+        click.echo("  ", nl=False)
+        click.secho(DOT, fg=_FG[deployed.urgency.value], nl=False)
+        click.echo(
+            f" {deployed.plugin} {deployed.target}: next update {_short(deployed.next_update)} "
+            f"({describe_delta(deployed.next_update - now)})"
+        )
+    click.echo()
+
+    certs = sorted(
+        report.certificates, key=lambda c: (_RANK[c.urgency.value], c.plan.record.not_after)
+    )
+    click.secho(f"CERTIFICATES ({len(certs)})", bold=True)
+    if not certs:
+        click.echo("  none")
+    shown = certs[:rows]
+    if shown:
+        horizon = max(max(c.not_after for c in shown) - now, timedelta(days=1))
+        name_width = max(4, min(max(len(c.name) for c in shown), 28))
+        scale = f"+{describe_delta(horizon, signed=False)}"
+        click.echo(
+            f"  {'NAME':{name_width}}  {'now':{TIMELINE_WIDTH - len(scale)}}{scale}  "
+            "EXPIRES     LEFT      RENEWAL"
+        )
+    for cert in shown:
+        renew_col, end_col = timeline_columns(
+            now, cert.renew_at, cert.not_after, horizon, TIMELINE_WIDTH
+        )
+        bar = FULL * renew_col + SHADE * (end_col - renew_col)
+        name = cert.name if len(cert.name) <= name_width else cert.name[: name_width - 1] + "~"
+        left = (
+            describe_delta(cert.not_after - now, signed=False)
+            if cert.not_after > now
+            else "expired"
+        )
+        renewal = describe_delta(cert.renew_at - now) if cert.plan.renewable else "manual"
+        click.echo(f"  {name:{name_width}}  ", nl=False)
+        click.secho(bar, fg=_FG[cert.urgency.value], nl=False)
+        click.echo(
+            f"{' ' * (TIMELINE_WIDTH - end_col)}  {cert.not_after:%Y-%m-%d}  {left:8}  ",
+            nl=False,
+        )
+        click.secho(renewal, fg="red" if cert.needs_a_person else None)
+    if len(certs) > len(shown):
+        rest = certs[len(shown) :]
+        by_colour = ", ".join(
+            f"{sum(1 for c in rest if c.urgency.value == colour)} {colour}"
+            for colour in ("red", "yellow", "green")
+            if any(c.urgency.value == colour for c in rest)
+        )
+        click.echo(f"  ... and {len(rest)} more ({by_colour}); --json lists them all")
+    if shown:
+        click.echo(f"  {FULL} in use until its renewal, {SHADE} renewal to expiry")
+        click.echo(
+            "  red: expires within 7 days or past its renewal time; yellow: renewal within 7 days"
+        )
+
+    if report.pki_problems:
+        click.echo()
     for problem in report.pki_problems:
         click.secho(f"PKI: {problem}", fg="yellow")
-    if report.open_deliveries:
+    waiting = [d for d in report.open_deliveries if d.status == "pending"]
+    if waiting:
         click.echo()
+        click.secho(f"WAITING DELIVERIES ({len(waiting)})", bold=True)
         echo_table(
-            [
-                [d.plugin, d.event_kind, d.subject, d.status, str(d.attempts), d.last_error or ""]
-                for d in report.open_deliveries
-            ],
-            ("PLUGIN", "EVENT", "SUBJECT", "STATUS", "ATTEMPTS", "LAST ERROR"),
+            [[d.plugin, d.event_kind, d.subject, str(d.serial or "")] for d in waiting[:rows]],
+            ("PLUGIN", "EVENT", "SUBJECT", "SERIAL"),
         )
+        if len(waiting) > rows:
+            click.echo(f"... and {len(waiting) - rows} more")

@@ -30,13 +30,13 @@ from easyrsa import (
     audit_pki,
     certwarden_command,
     certwarden_environment,
-    require_tool,
     run_command,
 )
 
 from certwarden.pki.ca import CertificateAuthority, IssueRequest
 from certwarden.pki.model import Status
 from certwarden.pki.store import PKIStore
+from certwarden.testing import require_tool
 
 BATCH = 300
 SEED = int(os.environ.get("CRASH_TEST_SEED", "20240611"))
