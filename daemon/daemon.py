@@ -8,9 +8,10 @@ delivery worker (see :mod:`certwarden.dispatch`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import re
+import select
 import signal
 import sys
 import threading
@@ -31,15 +32,13 @@ from certwarden.hookspecs import PluginContext
 from certwarden.metrics import MetricsEndpoint
 from certwarden.pki.store import PKIStore
 from certwarden.plugin_manager import PluginSet, load_config_and_plugins
+from certwarden.redact import redact
 from certwarden.sdnotify import Notifier
 from certwarden.state import StateStore
 from certwarden.watcher import PKIWatcher
 
 log = logging.getLogger("certwarden.daemon")
 IDLE_WAKEUP_SECONDS = 30.0
-_PRIVATE_KEY = re.compile(
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
-)
 _SYSLOG_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
 
 
@@ -49,14 +48,14 @@ class RedactKeys(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "PRIVATE KEY-----" in message:
-            record.msg = _PRIVATE_KEY.sub("[private key redacted]", message)
+            record.msg = redact(message)
             record.args = None
         if record.exc_info and not record.exc_text:
             # The formatter would append the traceback unfiltered: an exception's message can
             # hold the key too. Formatted here once; the formatter reuses exc_text.
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text and "PRIVATE KEY-----" in record.exc_text:
-            record.exc_text = _PRIVATE_KEY.sub("[private key redacted]", record.exc_text)
+            record.exc_text = redact(record.exc_text)
         return True
 
 
@@ -128,7 +127,7 @@ class Daemon:
     def __init__(self, config_path: Path, notifier: Notifier | None = None) -> None:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
-        self._wake = threading.Event()
+        self._wake_fd = -1
         self._stop = False
         self._reload = False
         self._status = ""
@@ -143,19 +142,38 @@ class Daemon:
     # ---- signals -----------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs in the main thread; the wake-up pipe (see _install_signals) got it out of select.
         if signum == signal.SIGHUP:
             self._reload = True
         else:
             self._stop = True
-        self._wake.set()
+
+    def _install_signals(self) -> None:
+        # The kernel may deliver a signal to any thread; the Python handler then waits for the
+        # main thread's next bytecode, which could be the end of a 30 s wait. The wake-up fd is
+        # written by the C-level handler at once, whichever thread took the signal, and the
+        # main loop selects on it. (Blocking the signals in other threads instead would leak
+        # the blocked mask into every command plugins run.)
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_fd = read_end
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait up to ``seconds``, or until a signal arrives."""
+        ready, _, _ = select.select([self._wake_fd], [], [], seconds)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._wake_fd, 512):
+                    pass
 
     # ---- life cycle --------------------------------------------------------------------------
 
     def run(self) -> int:
         config, plugins = load_config_and_plugins(self.config_path)
         configure_logging(config.daemon.log_level)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
+        self._install_signals()
         self._start(config, plugins)
         try:
             self._main_loop()
@@ -209,8 +227,7 @@ class Daemon:
             interval = min(interval, self.notifier.watchdog_interval / 2)
         self.notifier.watchdog()
         while not self._stop:
-            self._wake.wait(interval)
-            self._wake.clear()
+            self._sleep(interval)
             self.notifier.watchdog()
             if self._reload and not self._stop:
                 self._reload = False

@@ -22,6 +22,7 @@ from certwarden.errors import CertwardenError
 from certwarden.events import Event, EventKind
 from certwarden.hookspecs import HealthProblem, PluginContext
 from certwarden.plugin_manager import PluginSet
+from certwarden.redact import redact
 from certwarden.state import NewDelivery, StateStore
 
 log = logging.getLogger("certwarden.dispatch")
@@ -73,7 +74,8 @@ def describe_error(exc: BaseException) -> str:
         if isinstance(exc, (CertwardenError, CallTimeout))
         else f"{type(exc).__name__}: {exc}"
     )
-    text = " ".join(text.split())
+    # Redacted before the cut: a truncated key would no longer look like one.
+    text = " ".join(redact(text).split())
     return text[:MAX_ERROR_LENGTH]
 
 
@@ -84,6 +86,7 @@ class PluginHost:
         self.plugins = plugins
         self.hook_timeout = hook_timeout
         self.enabled: set[str] = set()
+        self.subscriptions: dict[str, frozenset[str]] = {}
         self.contexts: dict[str, PluginContext] = {}
 
     # ---- configuration and life cycle ------------------------------------------------------
@@ -111,7 +114,26 @@ class PluginHost:
                 enabled.add(name)
         self.contexts = contexts
         self.enabled = enabled
+        self.subscriptions = self._ask_subscriptions()
         log.info("plugins enabled: %s", ", ".join(sorted(enabled)) or "none")
+
+    def _ask_subscriptions(self) -> dict[str, frozenset[str]]:
+        answers: dict[str, frozenset[str]] = {}
+        for name, function in self.plugins.implementations("certwarden_subscriptions"):
+            if name not in self.enabled:
+                continue
+            try:
+                kinds = call_with_timeout(function, {}, self.hook_timeout)
+            except Exception as exc:
+                # Safer to deliver too much than to lose events the plugin wanted.
+                log.error("plugin %s: subscriptions failed: %s", name, describe_error(exc))
+                continue
+            answers[name] = frozenset(str(kind) for kind in kinds or ())
+        return answers
+
+    def wants(self, plugin: str, kind: EventKind) -> bool:
+        subscribed = self.subscriptions.get(plugin)
+        return plugin in self.enabled and (subscribed is None or kind.value in subscribed)
 
     def call_lifecycle(self, hook_name: str, **kwargs: Any) -> None:
         """Call a non-delivery hook on every enabled plugin, each on its own."""
@@ -166,11 +188,12 @@ class Dispatcher(PluginHost):
     # ---- deliveries ------------------------------------------------------------------------
 
     def plan(self, events: Sequence[Event]) -> list[NewDelivery]:
-        """The deliveries ``events`` call for: one per enabled plugin implementing the hook."""
+        """The deliveries ``events`` call for: one per enabled plugin implementing the hook
+        and subscribed to the event."""
         deliveries: list[NewDelivery] = []
         for event in events:
             for name, _ in self.plugins.implementations(event.kind.hook_name):
-                if name not in self.enabled:
+                if not self.wants(name, event.kind):
                     continue
                 deliveries.append(
                     NewDelivery(

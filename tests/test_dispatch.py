@@ -398,3 +398,20 @@ def test_only_retries_still_to_come_are_handed_to_the_scheduler(make_setup: Make
     setup.dispatcher.enqueue_open(due_only=True)
 
     assert setup.retries == [pytest.approx(later)]
+
+
+def test_a_private_key_in_a_plugin_error_never_reaches_the_delivery_record() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from certwarden.dispatch import describe_error
+    from certwarden.pki.x509 import key_to_pem
+
+    pem = key_to_pem(ec.generate_private_key(ec.SECP256R1())).decode()
+    body = pem.splitlines()[1]
+    whole = describe_error(ValueError(f"could not parse {pem} at all"))
+    # Long enough that the record's length limit cuts the key before its END line.
+    cut = describe_error(RuntimeError("x" * 300 + pem * 3))
+    for text in (whole, cut):
+        assert body not in text and "PRIVATE KEY-----" not in text
+        assert "[private key redacted]" in text
+    assert whole == "ValueError: could not parse [private key redacted] at all"
