@@ -73,7 +73,9 @@ class App:
             raise ConfigError(["no configuration file found; give --config FILE"])
         return self._config
 
-    def store(self) -> PKIStore:
+    def store(self, *, signing: bool = False) -> PKIStore:
+        """The PKI; the CA passphrase is read only for commands that sign (``signing``), so
+        read-only ones (list, status, export) work for users who may not read it."""
         config = None if self.pki_option else self.config(required=False)
         if self.pki_option is not None:
             root = self.pki_option
@@ -88,7 +90,7 @@ class App:
         if passphrase_file is None and config is not None:
             passphrase_file = config.pki.ca_passphrase_file
         passphrase = None
-        if passphrase_file is not None:
+        if signing and passphrase_file is not None:
             from certwarden.config import read_secret
 
             passphrase = read_secret(passphrase_file, "CA passphrase")
@@ -96,7 +98,7 @@ class App:
         return PKIStore(root, ca_passphrase=passphrase, lock_timeout=lock_timeout)
 
     def ca(self) -> CertificateAuthority:
-        return CertificateAuthority(self.store())
+        return CertificateAuthority(self.store(signing=True))
 
 
 pass_app = click.make_pass_decorator(App)

@@ -252,6 +252,33 @@ def test_encrypted_ca_key_needs_the_passphrase_file(tmp_path: Path, run_cli: Run
     ok(run_cli, "--pki", path, "--ca-passphrase-file", passphrase, "issue", "alice")
 
 
+def test_read_only_commands_do_not_read_the_ca_passphrase(tmp_path: Path, run_cli: RunCli) -> None:
+    path = tmp_path / "pki"
+    passphrase = secret_file(tmp_path / "passphrase", "tr0ub4dor-and-3")
+    ok(run_cli, "--pki", path, "init", "--passphrase-file", passphrase)
+    ok(run_cli, "--pki", path, "--ca-passphrase-file", passphrase, "issue", "alice")
+    # A passphrase file this user may not use (here: readable by others, so refused) must
+    # not stop commands that sign nothing.
+    passphrase.chmod(0o644)
+    ok(run_cli, "--pki", path, "--ca-passphrase-file", passphrase, "list")
+    out = tmp_path / "alice.pem"
+    ok(
+        run_cli,
+        "--pki",
+        path,
+        "--ca-passphrase-file",
+        passphrase,
+        "export",
+        "alice",
+        "--format",
+        "pem",
+        "--out",
+        out,
+    )
+    code, _, err = run_cli(["--pki", path, "--ca-passphrase-file", passphrase, "revoke", "alice"])
+    assert code == 78 and "passphrase" in err and "tr0ub4dor" not in err
+
+
 # ---- errors: one line, the right exit code ---------------------------------------------------
 
 
