@@ -124,6 +124,17 @@ def certwarden_daemon_stopping() -> None:
     """Called once on SIGTERM after in-flight deliveries finished or timed out."""
 
 
+@hookspec
+def certwarden_subscriptions() -> list[str]:
+    """Which events this plugin wants delivered, by name (``issued``, ``crl_published``...).
+
+    Asked after every ``certwarden_configure``. Without it, a plugin receives every event whose
+    hook it implements. A plugin whose settings decide what it acts on (the exec plugin's
+    commands) answers here, so no delivery is recorded, run and retried only to do nothing.
+    """
+    raise NotImplementedError
+
+
 # ---- events (deliveries: recorded and retried) ------------------------------------------
 
 

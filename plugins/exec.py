@@ -162,6 +162,13 @@ class Plugin:
                 )
 
     @hookimpl
+    def certwarden_subscriptions(self) -> list[str]:
+        # Only events some command runs on: the others would be deliveries that do nothing.
+        settings = self.context.settings if self.context else None
+        assert isinstance(settings, Settings)
+        return sorted({kind for command in settings.commands for kind in command.on})
+
+    @hookimpl
     def certwarden_issued(self, event: CertificateIssued) -> None:
         self._run(event)
 

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +299,35 @@ def test_the_exec_settings_reject_unknown_event_names(tmp_path: Path, run_cli: R
 
     assert code == 78
     assert "plugins.exec.commands[0].on[0]: must be one of issued, renewed, revoked" in err
+
+
+def test_only_events_some_command_runs_on_become_deliveries(tmp_path: Path) -> None:
+    from certwarden.events import CAChanged, CAInfo, CRLInfo, CRLPublished
+    from certwarden.plugin_manager import load_config_and_plugins
+    from certwarden.state import StateStore
+    from certwarden.testing import write_config
+
+    config_file = write_config(
+        tmp_path / "c.toml",
+        tmp_path / "pki",
+        tmp_path / "state",
+        plugins={
+            "exec": {
+                "enabled": True,
+                "commands": [{"on": ["crl_published"], "command": ["true"]}],
+            }
+        },
+    )
+    config, plugins = load_config_and_plugins(config_file)
+    dispatcher = Dispatcher(
+        plugins,
+        StateStore(tmp_path / "state.sqlite3"),
+        hook_timeout=5,
+        retry=RetryPolicy(timedelta(seconds=1), timedelta(seconds=2)),
+    )
+    dispatcher.configure(plugin_contexts(config, plugins))
+    now = datetime.now(UTC)
+    crl = CRLInfo(1, now, now, 0, "0" * 64, tmp_path / "crl.pem", tmp_path / "crl.der")
+    ca = CAInfo("/CN=ca", "01", now, "0" * 64, tmp_path / "ca.crt")
+    planned = dispatcher.plan([CAChanged(ca=ca), CRLPublished(crl=crl)])
+    assert [(d.plugin, d.event_kind) for d in planned] == [("exec", "crl_published")]
