@@ -56,7 +56,6 @@ from certwarden.testing import (
     write_config,
 )
 
-pytest_plugins = ["certwarden.testing"]
 
 SERVER = "localhost"
 SERVER_SANS = ("DNS:localhost", "IP:127.0.0.1")
