@@ -182,9 +182,10 @@ def _toml(value: object) -> str:
 
 def main() -> None:
     """Print docs/configuration.md."""
-    # The doc documents the generic [plugins.NAME] table only until built-in plugins declare
-    # settings; their schemas then go here and in tests/test_config.py's drift check.
-    sys.stdout.write(render_markdown({}))
+    from certwarden.plugin_manager import builtin_plugins
+
+    # Built-in plugins only: installed packages would make the doc differ between machines.
+    sys.stdout.write(render_markdown(builtin_plugins().schemas()))
 
 
 if __name__ == "__main__":

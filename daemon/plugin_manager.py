@@ -148,6 +148,13 @@ class PluginSet:
         return [(impl.plugin_name, impl.function) for impl in caller.get_hookimpls()]
 
 
+def builtin_plugins() -> PluginSet:
+    """Only the built-in plugins (for documentation that must not vary between machines)."""
+    plugins = PluginSet()
+    plugins.load_builtins()
+    return plugins
+
+
 def load_plugins(plugin_files: tuple[Path, ...] | list[Path] = ()) -> PluginSet:
     plugins = PluginSet()
     plugins.load_builtins()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
+import typing
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import field_validator, model_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from certwarden.config import (
     Command,
@@ -29,6 +31,7 @@ from certwarden.config import (
 )
 from certwarden.configdoc import render_markdown
 from certwarden.errors import ConfigError
+from certwarden.plugin_manager import builtin_plugins, load_config_and_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "certwarden.example.toml"
@@ -591,8 +594,7 @@ def test_load_config_without_a_path_reads_the_environment_path(
 
 
 def test_example_config_is_valid() -> None:
-    data = tomllib.loads(EXAMPLE.read_text())
-    config = parse_config(data, str(EXAMPLE), base_dir=EXAMPLE.parent)
+    config, _ = load_config_and_plugins(EXAMPLE)
     assert config.profile_for("alice-iphone", "client") is config.profiles["client"]
     assert config.device("bob-laptop") is not None
 
@@ -619,6 +621,32 @@ def test_example_config_sets_every_key_of_the_schema() -> None:
     assert not missing, f"config/certwarden.example.toml does not document {missing}"
 
 
+def test_example_config_documents_every_key_of_the_built_in_plugins() -> None:
+    # Keys naming files that must exist cannot be set in an example; they are written as
+    # comments (`# ca_file = ...`), which counts as documented.
+    text = EXAMPLE.read_text()
+    missing = []
+    for loaded in builtin_plugins():
+        for key in _keys(loaded.settings_class):
+            key_line = rf"^#? ?{re.escape(key)} = "
+            table_header = rf"^\[\[?plugins\.{loaded.name}\.[\w.]*\b{re.escape(key)}\]\]?$"
+            if not re.search(f"{key_line}|{table_header}", text, re.MULTILINE):
+                missing.append(f"plugins.{loaded.name}.{key}")
+    assert not missing, f"config/certwarden.example.toml does not document {missing}"
+
+
+def _keys(model: type[BaseModel]) -> list[str]:
+    """Every key of ``model`` and of the tables nested in it."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(field.alias or name)
+        for arg in (field.annotation, *typing.get_args(field.annotation)):
+            for inner in (arg, *typing.get_args(arg)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    keys += _keys(inner)
+    return keys
+
+
 def test_every_setting_has_a_description() -> None:
     undocumented = []
     for model in (Config, PluginSettings):
@@ -633,7 +661,7 @@ def test_every_setting_has_a_description() -> None:
 
 
 def test_configuration_doc_is_generated_from_the_schema() -> None:
-    assert DOC.read_text() == render_markdown({}), (
+    assert DOC.read_text() == render_markdown(builtin_plugins().schemas()), (
         "docs/configuration.md is out of date; regenerate it with "
         "`python -m certwarden.configdoc > docs/configuration.md`"
     )
