@@ -16,6 +16,7 @@ from certwarden.pki.index import (
     format_serial,
     parse_index,
     parse_line,
+    parse_revocations,
 )
 from certwarden.pki.model import Reason
 
@@ -251,3 +252,21 @@ def test_parse_line_raises_only_malformed_file_on_almost_valid_lines(
     fields: tuple[str, str, str, str, str, str],
 ) -> None:
     _check_only_malformed_file("\t".join(fields))
+
+
+def test_revocations_for_a_crl_come_from_the_revoked_lines_with_their_date_text() -> None:
+    text = (
+        "V\t290301125857Z\t\tA668226F8A53E049604CFE528A98A112\tunknown\t/CN=srv\n"
+        "R\t290301125856Z\t261127125857Z,keyCompromise\t1C7FA8A51E69A2768D6C23462F2F8B02\tunknown\t/CN=alice\n"
+        "R\t20510301125856Z\t20510102030405Z\t0A\tunknown\t/CN=late\n"
+        "R\t290301125856Z\t261341125857Z\t0B\tunknown\t/CN=bad-month\n"
+        "R\t290301125856Z\t261127125857Z,sometimes\t0C\tunknown\t/CN=bad-reason\n"
+        "R\t290301125856Z\t261127125857Z\tabc\tunknown\t/CN=bad-serial\n"
+    )
+    revocations, problems = parse_revocations(text)
+    assert revocations == [
+        ("1C7FA8A51E69A2768D6C23462F2F8B02", "261127125857Z", Reason.KEY_COMPROMISE),
+        ("0A", "20510102030405Z", None),
+    ]
+    assert [problem.split(":")[1] for problem in problems] == ["4", "5", "6"]
+    assert all(problem.startswith("index.txt:") for problem in problems)

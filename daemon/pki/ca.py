@@ -36,6 +36,7 @@ from certwarden.pki.x509 import (
     build_ca,
     cert_to_pem,
     crl_number,
+    der_to_pem,
     generate_key,
     key_to_pem,
     load_csr,
@@ -526,12 +527,9 @@ class CertificateAuthority:
             raise UsageError("CRL validity must be positive")
         with store.writing():
             signer = self._signer()
-            parsed = store.read_index()
-            revoked = [
-                (entry.serial, entry.revoked_at, entry.reason)
-                for entry in parsed.entries
-                if entry.status == "R" and entry.revoked_at is not None
-            ]
+            revoked, problems = store.read_revocations()
+            for problem in problems:
+                log.warning("%s; the CRL leaves that line out", problem)
             previous = None
             try:
                 previous = store.current_crl()
@@ -544,10 +542,11 @@ class CertificateAuthority:
             # the moment it is made, and the daemon would regenerate it in a loop.
             last_update = (now - min(BACKDATE, validity / 4)).replace(microsecond=0)
             next_update = (now + validity).replace(microsecond=0)
-            crl = signer.crl(revoked, number, last_update, next_update, previous)
+            crl = signer.crl(revoked, number, last_update, next_update)
             tx = store.transaction()
-            tx.staged.stage(store.crl_der_path, crl.public_bytes(serialization.Encoding.DER), 0o644)
-            tx.staged.stage(store.crl_pem_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+            der = crl.public_bytes(serialization.Encoding.DER)
+            tx.staged.stage(store.crl_der_path, der, 0o644)
+            tx.staged.stage(store.crl_pem_path, der_to_pem(der, "X509 CRL"), 0o644)
             tx.staged.stage(store.meta_dir / "crlnumber", f"{number}\n".encode(), 0o600)
             store.commit(tx)
         log.info(

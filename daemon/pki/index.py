@@ -17,6 +17,7 @@ from certwarden.pki.model import Reason
 
 _REASONS = {reason.value: reason for reason in Reason}
 _HEX = frozenset("0123456789ABCDEF")
+_from_iso = datetime.fromisoformat
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,19 +42,31 @@ class IndexEntry:
 
 def parse_date(text: str) -> datetime:
     """Parse an ASN.1 UTCTime or GeneralizedTime as index.txt writes it."""
-    # Hand-written: strptime costs ~10 us a call, which dominates listing 100k certificates.
+    # strptime costs ~10 us a call, which dominates listing 100k certificates; the checked
+    # digits in ISO 8601 basic form go to datetime.fromisoformat() (C, ~0.2 us) instead.
     n = len(text)
     if not text.isascii():  # str.isdigit() also accepts digits of other scripts
         raise ValueError(f"date {text!r} is neither YYMMDDHHMMSSZ nor YYYYMMDDHHMMSSZ")
     if n == 13 and text[12] == "Z" and text[:12].isdigit():
+        iso = ("19" if text[0] >= "5" else "20") + text[:6] + "T" + text[6:]
+    elif n == 15 and text[14] == "Z" and text[:14].isdigit():
+        iso = text[:8] + "T" + text[8:]
+    else:
+        raise ValueError(f"date {text!r} is neither YYMMDDHHMMSSZ nor YYYYMMDDHHMMSSZ")
+    try:
+        return _from_iso(iso)
+    except ValueError:
+        return _calendar_date(text)  # raises datetime's own message (month must be in 1..12)
+
+
+def _calendar_date(text: str) -> datetime:
+    if len(text) == 13:
         yy = int(text[0:2])
         year = 1900 + yy if yy >= 50 else 2000 + yy
         rest = text[2:12]
-    elif n == 15 and text[14] == "Z" and text[:14].isdigit():
+    else:
         year = int(text[0:4])
         rest = text[4:14]
-    else:
-        raise ValueError(f"date {text!r} is neither YYMMDDHHMMSSZ nor YYYYMMDDHHMMSSZ")
     return datetime(
         year,
         int(rest[0:2]),
@@ -173,6 +186,66 @@ def parse_index(text: str, source: str = "index.txt") -> ParsedIndex:
         seen.add(entry.serial)
         entries.append(entry)
     return ParsedIndex(entries, problems)
+
+
+Revocation = tuple[str, str, Reason | None]
+"""(serial hex, revocation date as index.txt writes it, reason): what a CRL entry needs."""
+
+
+def parse_revocations(text: str, source: str = "index.txt") -> tuple[list[Revocation], list[str]]:
+    """The revoked lines of an index.txt, checked like :func:`parse_line`, as CRL entries.
+
+    The date stays text: index.txt already writes it in ASN.1 time syntax, so a CRL can hold
+    it as it is. Parsing only what a CRL needs makes a 100k-line index quick to sign.
+    """
+    out: list[Revocation] = []
+    problems: list[str] = []
+    reasons = _REASONS
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.startswith("R\t"):
+            continue
+        fields = line.split("\t")
+        if len(fields) != 6:
+            problems.append(parse_error(line, f"{source}:{number}"))
+            continue
+        date, _, reason_text = fields[2].partition(",")
+        serial = fields[3]
+        try:
+            _check_date(date)
+        except ValueError:
+            problems.append(parse_error(line, f"{source}:{number}"))
+            continue
+        reason = reasons.get(reason_text) if reason_text else None
+        if (
+            (reason_text and reason is None)
+            or not serial
+            or len(serial) % 2
+            or not _HEX.issuperset(serial)
+        ):
+            problems.append(parse_error(line, f"{source}:{number}"))
+            continue
+        out.append((serial, date, reason))
+    return out, problems
+
+
+def _check_date(text: str) -> None:
+    """Raise ValueError unless ``text`` is a valid YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ date."""
+    n = len(text)
+    if n == 13 and text[12] == "Z" and text.isascii() and text[:12].isdigit():
+        _from_iso(("19" if text[0] >= "5" else "20") + text[:6] + "T" + text[6:12])
+    elif n == 15 and text[14] == "Z" and text.isascii() and text[:14].isdigit():
+        _from_iso(text[:8] + "T" + text[8:14])
+    else:
+        raise ValueError(text)
+
+
+def parse_error(line: str, where: str) -> str:
+    """The problem :func:`parse_line` reports for ``line`` (which must be malformed)."""
+    try:
+        parse_line(line, where)
+    except MalformedFile as exc:
+        return str(exc)
+    return f"{where}: malformed line"
 
 
 def render_index(entries: Iterable[IndexEntry]) -> str:

@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,12 +38,14 @@ from certwarden.errors import (
 from certwarden.pki.index import (
     IndexEntry,
     ParsedIndex,
+    Revocation,
     format_date,
     format_line,
     format_serial,
     parse_date,
     parse_index,
     parse_line,
+    parse_revocations,
 )
 from certwarden.pki.lock import PKILock
 from certwarden.pki.model import CertRecord, Profile, Reason, Status
@@ -67,7 +69,11 @@ FOLDERS = (
 )
 META_DIR = ".certwarden"  # certwarden's own bookkeeping inside the PKI; easy-rsa ignores it
 MAX_FILE_SIZE = 1 << 20  # certificates, keys and requests are a few KiB; refuse garbage
+# A CRL takes ~65 bytes of PEM per revoked certificate (100k: 6.5 MB); any larger than this
+# is garbage. Read with the small limit, a big crl.pem looked unreadable: a new one each time.
+MAX_CRL_SIZE = 1 << 28
 INDEX_RETRY_SECONDS = 2.0  # openssl ca renames index.txt away for a moment while it writes
+_PROFILES = {profile.value: profile for profile in Profile}
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,26 +197,39 @@ class PKIStore:
 
     # ---- safe reading ------------------------------------------------------------------
 
-    def read_file(self, path: Path) -> bytes:
-        """Read a small file of the PKI, refusing symlinks that lead out of it."""
-        where = self.relative(path)
-        real = Path(os.path.realpath(path))
-        root = Path(os.path.realpath(self.root))
-        if real != root and root not in real.parents:
+    def read_file(self, path: Path, limit: int | None = None) -> bytes:
+        """Read a file of the PKI, refusing symlinks that lead out of it and oversized files.
+
+        ``limit`` defaults to MAX_CRL_SIZE for crl.pem and crl.der, else MAX_FILE_SIZE.
+        """
+        if limit is None:
+            limit = MAX_CRL_SIZE if path.name in ("crl.pem", "crl.der") else MAX_FILE_SIZE
+        # Strings, not pathlib, and the name for messages only when needed: listing 100k
+        # certificates without the cache reads 100k files through here.
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.root)
+        if real != root and not real.startswith(root if root.endswith("/") else root + "/"):
             raise PKIError(
-                f"{where}: is a link to {real}, outside the PKI; replace it with the file itself"
+                f"{self.relative(path)}: is a link to {real}, outside the PKI; "
+                "replace it with the file itself"
             )
         try:
             with open(path, "rb") as handle:
-                data = handle.read(MAX_FILE_SIZE + 1)
+                # read(limit + 1) would allocate the whole limit each time (10 us a file).
+                size = os.fstat(handle.fileno()).st_size
+                data = handle.read(min(size, limit) + 1)
+                if limit >= len(data) > size:  # it grew since fstat(): read on to the limit
+                    data += handle.read(limit + 1 - len(data))
         except FileNotFoundError:
-            raise NotFound(f"{where}: does not exist") from None
+            raise NotFound(f"{self.relative(path)}: does not exist") from None
         except IsADirectoryError:
-            raise MalformedFile(f"{where}: is a folder, expected a file") from None
+            raise MalformedFile(f"{self.relative(path)}: is a folder, expected a file") from None
         except PermissionError:
-            raise PKIError(f"{where}: permission denied; run as the PKI's owner") from None
-        if len(data) > MAX_FILE_SIZE:
-            raise MalformedFile(f"{where}: larger than {MAX_FILE_SIZE} bytes; not a PKI file")
+            raise PKIError(
+                f"{self.relative(path)}: permission denied; run as the PKI's owner"
+            ) from None
+        if len(data) > limit:
+            raise MalformedFile(f"{self.relative(path)}: larger than {limit} bytes; not a PKI file")
         return data
 
     def load_cert(self, path: Path) -> x509.Certificate:
@@ -236,6 +255,13 @@ class PKIStore:
         return load_private_key(self.read_file(path), self.relative(path), self.ca_passphrase)
 
     def read_index(self) -> ParsedIndex:
+        return parse_index(self._index_text(), "index.txt")
+
+    def read_revocations(self) -> tuple[list[Revocation], list[str]]:
+        """The revoked lines of index.txt as CRL entries, and the problems met."""
+        return parse_revocations(self._index_text(), "index.txt")
+
+    def _index_text(self) -> str:
         deadline = time.monotonic() + INDEX_RETRY_SECONDS
         while True:
             try:
@@ -248,8 +274,7 @@ class PKIStore:
                         "or a backup"
                     ) from None
                 time.sleep(0.02)
-        text = data.decode("utf-8", errors="replace")
-        return parse_index(text, "index.txt")
+        return data.decode("utf-8", errors="replace")
 
     def current_crl(self) -> x509.CertificateRevocationList | None:
         try:
@@ -275,12 +300,13 @@ class PKIStore:
                 fields = line.split("\t")
                 if len(fields) != 4:
                     continue  # a cache: a torn line is simply re-derived
-                serial, name, profile, not_before = fields
+                serial, name, profile_text, not_before = fields
+                profile = _PROFILES.get(profile_text)  # Profile(text), without its ~1 us
+                if profile is None:
+                    continue
                 try:
                     meta[serial] = CertMeta(
-                        name,
-                        Profile(profile),
-                        parse_date(not_before) if not_before else None,
+                        name, profile, parse_date(not_before) if not_before else None
                     )
                 except ValueError:
                     continue
@@ -309,12 +335,12 @@ class PKIStore:
 
     def _cert_file_for(self, entry: IndexEntry) -> Path | None:
         cn = entry.common_name
-        candidates = [
-            self.root / "certs_by_serial" / f"{entry.serial}.pem",
-            self.root / "revoked" / "certs_by_serial" / f"{entry.serial}.crt",
-            self.root / "expired" / f"{cn}.crt",
-        ]
-        for candidate in candidates:
+        for folder, name in (
+            ("certs_by_serial", f"{entry.serial}.pem"),
+            ("revoked/certs_by_serial", f"{entry.serial}.crt"),
+            ("expired", f"{cn}.crt"),
+        ):
+            candidate = self.root / folder / name
             if candidate.is_file():
                 return candidate
         unreadable: Path | None = None
@@ -350,7 +376,7 @@ class PKIStore:
         problems = list(parsed.problems)
         meta = self._load_meta()
         derived: dict[str, CertMeta] = {}
-        records: list[CertRecord] = []
+        rows: list[tuple[IndexEntry, CertMeta | None, str, Status]] = []
         last_live: dict[str, int] = {}
         for entry in parsed.entries:
             info = meta.get(entry.serial)
@@ -366,23 +392,25 @@ class PKIStore:
             else:
                 status = Status.VALID
             if status is not Status.REVOKED:
-                last_live[name] = len(records)
-            records.append(
-                CertRecord(
-                    name=name,
-                    serial=entry.serial,
-                    status=status,
-                    not_after=entry.not_after,
-                    not_before=info.not_before if info else None,
-                    revoked_at=entry.revoked_at,
-                    reason=entry.reason,
-                    profile=info.profile if info else Profile.UNKNOWN,
-                    subject=entry.subject,
-                    current=False,
-                )
+                last_live[name] = len(rows)
+            rows.append((entry, info, name, status))
+        # Built once current is known: dataclasses.replace() afterwards cost ~4 us a record.
+        current = set(last_live.values())
+        records = [
+            CertRecord(
+                name=name,
+                serial=entry.serial,
+                status=status,
+                not_after=entry.not_after,
+                not_before=info.not_before if info else None,
+                revoked_at=entry.revoked_at,
+                reason=entry.reason,
+                profile=info.profile if info else Profile.UNKNOWN,
+                subject=entry.subject,
+                current=position in current,
             )
-        for position in last_live.values():
-            records[position] = replace(records[position], current=True)
+            for position, (entry, info, name, status) in enumerate(rows)
+        ]
         with contextlib.suppress(OSError):
             self._append_meta(derived)  # best effort: a read-only PKI still lists
         if self.journal_path.exists():
