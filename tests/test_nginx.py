@@ -56,7 +56,6 @@ from certwarden.testing import (
     write_config,
 )
 
-
 SERVER = "localhost"
 SERVER_SANS = ("DNS:localhost", "IP:127.0.0.1")
 
