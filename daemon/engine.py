@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from certwarden.events import (
 from certwarden.pki.ca import CertificateAuthority
 from certwarden.pki.index import format_serial
 from certwarden.pki.model import CertRecord, Status
+from certwarden.pki.names import is_valid_name
 from certwarden.pki.store import Inventory, PKIStore
 from certwarden.pki.x509 import slash_subject
 from certwarden.policy import RenewalPlan, crl_refresh_at, current_certificates, plan_renewal
@@ -115,6 +117,9 @@ class Engine:
     def _reconcile_once(self) -> tuple[Outlook, str | None]:
         now = self.clock()
         inventory = self.store.inventory(now)
+        copied_in = self._copied_in(inventory)
+        if copied_in and self.ca.adopt(copied_in):
+            inventory = self.store.inventory(now)
         for problem in inventory.problems:
             log.warning("PKI: %s", problem)
         snapshot = self.state.snapshot()
@@ -169,6 +174,17 @@ class Engine:
         self.dispatcher.enqueue(ids, [d.plugin for d in deliveries])
         self.last_reconcile = now
         return self._outlook(plans, crl, now), crl_owed
+
+    def _copied_in(self, inventory: Inventory) -> list[str]:
+        """Names with an issued/NAME.crt but no current certificate in index.txt."""
+        current = {record.name for record in inventory.records if record.current}
+        try:
+            files = os.scandir(self.store.root / "issued")
+        except FileNotFoundError:
+            return []
+        with files:
+            names = [entry.name[:-4] for entry in files if entry.name.endswith(".crt")]
+        return sorted(name for name in names if name not in current and is_valid_name(name))
 
     def _ca_change(self) -> tuple[CAChanged | None, str]:
         data = self.store.read_file(self.store.ca_cert_path)

@@ -374,3 +374,32 @@ def test_a_crl_from_easyrsa_gen_crl_is_announced_as_the_operator_wrote_it(
     assert event.crl.der() == x509.load_pem_x509_crl(written).public_bytes(
         serialization.Encoding.DER
     )
+
+
+def test_a_certificate_copied_into_issued_is_adopted_and_announced(
+    pki: PKI, harness: Harness, tmp_path: Path
+) -> None:
+    harness.reconcile()
+    # A certificate of this CA that index.txt does not know: signed here, then its records
+    # lost, as after restoring issued/ from a backup.
+    serial = issue(pki, "carol")
+    copy = (pki.root / "issued" / "carol.crt").read_bytes()
+    index = pki.root / "index.txt"
+    index.write_text(
+        "".join(line + "\n" for line in index.read_text().splitlines() if serial not in line)
+    )
+    (pki.root / "certs_by_serial" / f"{serial}.pem").unlink()
+    (pki.root / "issued" / "carol.crt").write_bytes(copy)
+    # And one signed by another CA, which must stay out.
+    other = CertificateAuthority(PKIStore(tmp_path / "other"))
+    other.init("another CA")
+    (stranger,) = other.issue([IssueRequest("mallory")])
+    (pki.root / "issued" / "mallory.crt").write_bytes(stranger.cert_path.read_bytes())
+
+    (event,) = harness.reconcile()
+
+    assert isinstance(event, CertificateIssued)
+    assert (event.cert.name, event.cert.serial) == ("carol", serial)
+    assert serial in index.read_text() and "mallory" not in index.read_text()
+    assert (pki.root / "certs_by_serial" / f"{serial}.pem").read_bytes() == copy
+    assert harness.reconcile() == []

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -432,6 +433,65 @@ class CertificateAuthority:
         # Staged files are moved after the old ones (the journal keeps this order).
         return self._write_new_cert(signer, tx, template, public, key, None, taken)
 
+    # ---- certificates copied in --------------------------------------------------------------
+
+    def adopt(self, names: Sequence[str]) -> list[CertRecord]:
+        """Record in index.txt the certificates copied into issued/NAME.crt for ``names``.
+
+        A certificate copied in by hand (restored from a backup, signed on another host with
+        this CA) is invisible to easy-rsa and certwarden until index.txt lists it: it could not
+        be revoked or renewed. One signed by this CA and not yet in the index is added, with
+        its copy by serial. Others are left alone and reported in the log. A file whose copy by
+        serial exists is skipped: that is ``openssl ca`` in the middle of writing it.
+        """
+        store = self.store
+        adopted: list[CertRecord] = []
+        with store.writing():
+            ca = store.ca_certificate()
+            known = {entry.serial for entry in store.read_index().entries}
+            tx = store.transaction()
+            for name in names:
+                path = store.cert_path(name)
+                try:
+                    cert = store.load_cert(path)
+                except PKIError as exc:
+                    log.warning("not adopting issued/%s.crt: %s", name, exc)
+                    continue
+                serial = format_serial(cert.serial_number)
+                if serial in known or store.by_serial_path(serial).exists():
+                    continue
+                if cert.issuer != ca.subject or not _signed_by(cert, ca):
+                    log.warning(
+                        "issued/%s.crt: not signed by this CA (issuer %s); left out of index.txt",
+                        name,
+                        cert.issuer.rfc4514_string(),
+                    )
+                    continue
+                subject = slash_subject(cert.subject)
+                tx.index_lines.append(index_line("V", serial, cert.not_valid_after_utc, subject))
+                tx.staged.stage(store.by_serial_path(serial), cert_to_pem(cert), 0o644)
+                tx.meta[serial] = CertMeta(name, profile_of(cert), cert.not_valid_before_utc)
+                known.add(serial)
+                adopted.append(
+                    CertRecord(
+                        name=name,
+                        serial=serial,
+                        status=Status.VALID,
+                        not_after=cert.not_valid_after_utc,
+                        not_before=cert.not_valid_before_utc,
+                        revoked_at=None,
+                        reason=None,
+                        profile=profile_of(cert),
+                        subject=subject,
+                        current=True,
+                    )
+                )
+            if adopted:
+                store.commit(tx)
+        for record in adopted:
+            log.info("adopted issued/%s.crt (serial %s) into index.txt", record.name, record.serial)
+        return adopted
+
     # ---- revoke ---------------------------------------------------------------------------
 
     def revoke(
@@ -571,6 +631,14 @@ class CertificateAuthority:
         with contextlib.suppress(FileNotFoundError, ValueError):
             candidates.append(int(saved.read_text().strip()) + 1)
         return max(candidates)
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _clamp(not_after: datetime, ca: x509.Certificate) -> datetime:
