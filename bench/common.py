@@ -27,31 +27,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from certwarden.pki.ca import CertificateAuthority
+from certwarden.pki.easyrsa_conf import EASYRSA_PROGRAMS, OPENSSL_CA_ENV
 from certwarden.pki.model import Profile, Reason
 from certwarden.pki.store import PKIStore
 from certwarden.pki.x509 import CertificateTemplate, Signer
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"  # git-ignored; the README quotes the last results
-EASYRSA_LOCATIONS = (
-    Path("/usr/share/easy-rsa/easyrsa"),
-    Path("/usr/local/share/easy-rsa/easyrsa"),
-)
-# What openssl-easyrsa.cnf reads through $ENV:: besides EASYRSA_PKI (easy-rsa 3.1.0 defaults).
-OPENSSL_CA_ENV = {
-    "EASYRSA_CERT_EXPIRE": "825",
-    "EASYRSA_CRL_DAYS": "180",
-    "EASYRSA_DIGEST": "sha256",
-    "EASYRSA_DN": "cn_only",
-    "EASYRSA_KEY_SIZE": "2048",
-    "EASYRSA_REQ_CN": "ChangeMe",
-    "EASYRSA_REQ_COUNTRY": "US",
-    "EASYRSA_REQ_PROVINCE": "California",
-    "EASYRSA_REQ_CITY": "San Francisco",
-    "EASYRSA_REQ_ORG": "Copyleft Certificate Co",
-    "EASYRSA_REQ_OU": "My Organizational Unit",
-    "EASYRSA_REQ_EMAIL": "me@example.net",
-}
+
 REASONS: tuple[Reason | None, ...] = (None, None, *Reason)  # a third without a reason
 
 
@@ -73,7 +56,7 @@ def easyrsa() -> str:
     found = shutil.which("easyrsa")
     if found is not None:
         return found
-    for candidate in EASYRSA_LOCATIONS:
+    for candidate in EASYRSA_PROGRAMS:
         if os.access(candidate, os.X_OK):
             return str(candidate)
     raise BenchError("easy-rsa is not installed (make system-deps installs it)")

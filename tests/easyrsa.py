@@ -23,28 +23,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from certwarden.pki.easyrsa_conf import EASYRSA_PROGRAMS, OPENSSL_CA_ENV
 from certwarden.testing import require_tool
 
-EASYRSA_LOCATIONS = (
-    Path("/usr/share/easy-rsa/easyrsa"),
-    Path("/usr/local/share/easy-rsa/easyrsa"),
-)
 TEMP_PREFIX = ".certwarden-tmp-"
-# The variables openssl-easyrsa.cnf reads through $ENV::, with easy-rsa 3.1.0's defaults.
-OPENSSL_CA_ENV = {
-    "EASYRSA_CERT_EXPIRE": "825",
-    "EASYRSA_CRL_DAYS": "180",
-    "EASYRSA_DIGEST": "sha256",
-    "EASYRSA_DN": "cn_only",
-    "EASYRSA_KEY_SIZE": "2048",
-    "EASYRSA_REQ_CN": "ChangeMe",
-    "EASYRSA_REQ_COUNTRY": "US",
-    "EASYRSA_REQ_PROVINCE": "California",
-    "EASYRSA_REQ_CITY": "San Francisco",
-    "EASYRSA_REQ_ORG": "Copyleft Certificate Co",
-    "EASYRSA_REQ_OU": "My Organizational Unit",
-    "EASYRSA_REQ_EMAIL": "me@example.net",
-}
 _DATE = re.compile(r"(\d{12}|\d{14})Z")
 _SERIAL = re.compile(r"(?:[0-9A-F]{2})+")
 _REASONS = frozenset(
@@ -107,7 +89,7 @@ class EasyRSA:
 
     def __init__(self, pki_dir: Path, binary: Path | None = None) -> None:
         self.pki_dir = Path(pki_dir).absolute()
-        self.binary = binary or Path(require_tool("easyrsa", *EASYRSA_LOCATIONS))
+        self.binary = binary or Path(require_tool("easyrsa", *EASYRSA_PROGRAMS))
 
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env = _environment_without_easyrsa()

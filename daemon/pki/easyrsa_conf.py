@@ -17,6 +17,28 @@ INSTALLED_LOCATIONS = (
     Path("/etc/easy-rsa/openssl-easyrsa.cnf"),
 )
 
+# Where Debian's and a hand-installed easy-rsa put the program.
+EASYRSA_PROGRAMS = (
+    Path("/usr/share/easy-rsa/easyrsa"),
+    Path("/usr/local/share/easy-rsa/easyrsa"),
+)
+# What openssl-easyrsa.cnf reads through $ENV:: besides EASYRSA_PKI, with easy-rsa 3.1.0's
+# defaults: the environment `openssl ca -config pki/openssl-easyrsa.cnf` needs outside easy-rsa.
+OPENSSL_CA_ENV = {
+    "EASYRSA_CERT_EXPIRE": "825",
+    "EASYRSA_CRL_DAYS": "180",
+    "EASYRSA_DIGEST": "sha256",
+    "EASYRSA_DN": "cn_only",
+    "EASYRSA_KEY_SIZE": "2048",
+    "EASYRSA_REQ_CN": "ChangeMe",
+    "EASYRSA_REQ_COUNTRY": "US",
+    "EASYRSA_REQ_PROVINCE": "California",
+    "EASYRSA_REQ_CITY": "San Francisco",
+    "EASYRSA_REQ_ORG": "Copyleft Certificate Co",
+    "EASYRSA_REQ_OU": "My Organizational Unit",
+    "EASYRSA_REQ_EMAIL": "me@example.net",
+}
+
 OPENSSL_EASYRSA_CNF = """\
 # OpenSSL configuration for easy-rsa 3.x, written by certwarden init.
 [ ca ]
