@@ -83,3 +83,44 @@ class CertRecord:
             "subject": self.subject,
             "current": self.current,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class CertColumns:
+    """Certificates as columns: row i of every list is one certificate, in index.txt order.
+
+    What :class:`CertRecord` holds, with the dates kept as ISO 8601 text (exactly what
+    ``isoformat()`` prints for them: ``2030-01-01T00:00:00+00:00``). Listing 100k certificates
+    as JSON from these takes no CertRecord and no datetime a certificate, which cost more than
+    reading and checking index.txt; :meth:`records` makes the records when they are needed.
+    """
+
+    name: list[str]
+    serial: list[str]
+    status: list[Status]
+    not_before: list[str | None]
+    not_after: list[str]
+    revoked_at: list[str | None]
+    reason: list[Reason | None]
+    profile: list[Profile]
+    subject: list[str]
+    current: list[bool]
+
+    def records(self) -> list[CertRecord]:
+        return [self.record(row) for row in range(len(self.serial))]
+
+    def record(self, row: int) -> CertRecord:
+        not_before = self.not_before[row]
+        revoked_at = self.revoked_at[row]
+        return CertRecord(
+            name=self.name[row],
+            serial=self.serial[row],
+            status=self.status[row],
+            not_after=datetime.fromisoformat(self.not_after[row]),
+            not_before=None if not_before is None else datetime.fromisoformat(not_before),
+            revoked_at=None if revoked_at is None else datetime.fromisoformat(revoked_at),
+            reason=self.reason[row],
+            profile=self.profile[row],
+            subject=self.subject[row],
+            current=self.current[row],
+        )

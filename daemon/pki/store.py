@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain, compress
 from pathlib import Path
-
-from cryptography import x509
+from typing import TYPE_CHECKING, cast
 
 from certwarden.atomicfile import (
     Move,
@@ -36,21 +37,32 @@ from certwarden.errors import (
     PKIError,
 )
 from certwarden.pki.index import (
+    BLOCK_CHARS,
+    IndexBlock,
     IndexEntry,
     ParsedIndex,
     Revocation,
+    common_name,
     format_date,
     format_line,
     format_serial,
+    iso_dates,
     parse_date,
     parse_index,
+    parse_index_blocks,
     parse_line,
     parse_revocations,
 )
 from certwarden.pki.lock import PKILock
-from certwarden.pki.model import CertRecord, Profile, Reason, Status
+from certwarden.pki.model import CertColumns, CertRecord, Profile, Reason, Status
 from certwarden.pki.names import validate_name
-from certwarden.pki.x509 import PrivateKey, load_certificate, load_private_key, profile_of
+
+if TYPE_CHECKING:
+    # Imported where used: cryptography takes 50 ms to import, and `certwarden list` reads
+    # no certificate when the cache is complete.
+    from cryptography import x509
+
+    from certwarden.pki.x509 import PrivateKey
 
 # Folders easy-rsa 3.1.0 creates (renewed/ and its children appear on the first renew).
 FOLDERS = (
@@ -74,6 +86,12 @@ MAX_FILE_SIZE = 1 << 20  # certificates, keys and requests are a few KiB; refuse
 MAX_CRL_SIZE = 1 << 28
 INDEX_RETRY_SECONDS = 2.0  # openssl ca renames index.txt away for a moment while it writes
 _PROFILES = {profile.value: profile for profile in Profile}
+_PROFILE_TEXTS = frozenset(_PROFILES)
+_EXPIRED_OR_VALID = (Status.EXPIRED, Status.VALID)  # indexed by "not yet expired"
+
+CachedMeta = tuple[str, Profile, str | None]
+"""What meta.tsv holds for a serial, as a listing uses it: name, profile, and notBefore as ISO
+8601 text (what ``isoformat()`` prints) or None."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +101,56 @@ class CertMeta:
     name: str
     profile: Profile
     not_before: datetime | None
+
+
+@dataclass(slots=True)
+class MetaCache:
+    """The good lines of meta.tsv as columns, in file order, and by serial when asked."""
+
+    serial: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    profile: list[Profile] = field(default_factory=list)
+    not_before: list[str | None] = field(default_factory=list)  # ISO 8601, as isoformat()
+    _by_serial: dict[str, CachedMeta] | None = None
+
+    def by_serial(self) -> dict[str, CachedMeta]:
+        """What each serial's last line holds."""
+        if self._by_serial is None:
+            self._by_serial = dict(
+                zip(
+                    self.serial,
+                    zip(self.name, self.profile, self.not_before, strict=True),
+                    strict=True,
+                )
+            )
+        return self._by_serial
+
+    def extend(
+        self,
+        serial: list[str],
+        name: list[str],
+        profile: list[Profile],
+        not_before: list[str | None],
+    ) -> None:
+        self.serial += serial
+        self.name += name
+        self.profile += profile
+        self.not_before += not_before
+        if self._by_serial is not None:
+            self._by_serial.update(
+                zip(serial, zip(name, profile, not_before, strict=True), strict=True)
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """:class:`Inventory` as blocks of columns (what ``certwarden list --json`` writes)."""
+
+    blocks: list[CertColumns]
+    problems: list[str]
+
+    def records(self) -> list[CertRecord]:
+        return [record for block in self.blocks for record in block.records()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +201,7 @@ class PKIStore:
         self.root = Path(root).absolute()
         self.ca_passphrase = ca_passphrase
         self.lock = PKILock(self.root, timeout=lock_timeout)
-        self._meta: dict[str, CertMeta] | None = None
+        self._meta: MetaCache | None = None
 
     # ---- paths -------------------------------------------------------------------------
 
@@ -233,6 +301,8 @@ class PKIStore:
         return data
 
     def load_cert(self, path: Path) -> x509.Certificate:
+        from certwarden.pki.x509 import load_certificate
+
         return load_certificate(self.read_file(path), self.relative(path))
 
     def ca_certificate(self) -> x509.Certificate:
@@ -252,6 +322,8 @@ class PKIStore:
                 f"{path}: readable by group or others (mode {stat.S_IMODE(mode):04o}); "
                 f"run `chmod 600 {path}` and check who may have copied it"
             )
+        from certwarden.pki.x509 import load_private_key
+
         return load_private_key(self.read_file(path), self.relative(path), self.ca_passphrase)
 
     def read_index(self) -> ParsedIndex:
@@ -277,6 +349,8 @@ class PKIStore:
         return data.decode("utf-8", errors="replace")
 
     def current_crl(self) -> x509.CertificateRevocationList | None:
+        from cryptography import x509
+
         try:
             data = self.read_file(self.crl_pem_path)
         except NotFound:
@@ -290,28 +364,14 @@ class PKIStore:
 
     # ---- the inventory -------------------------------------------------------------------
 
-    def _load_meta(self) -> dict[str, CertMeta]:
-        if self._meta is not None:
-            return self._meta
-        meta: dict[str, CertMeta] = {}
-        path = self.meta_dir / "meta.tsv"
-        with contextlib.suppress(FileNotFoundError):
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                fields = line.split("\t")
-                if len(fields) != 4:
-                    continue  # a cache: a torn line is simply re-derived
-                serial, name, profile_text, not_before = fields
-                profile = _PROFILES.get(profile_text)  # Profile(text), without its ~1 us
-                if profile is None:
-                    continue
-                try:
-                    meta[serial] = CertMeta(
-                        name, profile, parse_date(not_before) if not_before else None
-                    )
-                except ValueError:
-                    continue
-        self._meta = meta
-        return meta
+    def _load_meta(self) -> MetaCache:
+        if self._meta is None:
+            try:
+                data = (self.meta_dir / "meta.tsv").read_bytes()
+            except FileNotFoundError:
+                data = b""
+            self._meta = read_meta(data.decode("utf-8", errors="replace"))
+        return self._meta
 
     def _append_meta(self, items: dict[str, CertMeta]) -> None:
         if not items:
@@ -331,13 +391,14 @@ class PKIStore:
         finally:
             os.close(fd)
         if self._meta is not None:
-            self._meta.update(items)
+            added = read_meta(text)  # as it will be read back
+            self._meta.extend(added.serial, added.name, added.profile, added.not_before)
 
-    def _cert_file_for(self, entry: IndexEntry) -> Path | None:
-        cn = entry.common_name
+    def _cert_file_for(self, serial: str, subject: str) -> Path | None:
+        cn = common_name(subject)
         for folder, name in (
-            ("certs_by_serial", f"{entry.serial}.pem"),
-            ("revoked/certs_by_serial", f"{entry.serial}.crt"),
+            ("certs_by_serial", f"{serial}.pem"),
+            ("revoked/certs_by_serial", f"{serial}.crt"),
             ("expired", f"{cn}.crt"),
         ):
             candidate = self.root / folder / name
@@ -348,17 +409,19 @@ class PKIStore:
             candidate = self.root / folder / f"{cn}.crt"
             if candidate.is_file():
                 try:
-                    if format_serial(self.load_cert(candidate).serial_number) == entry.serial:
+                    if format_serial(self.load_cert(candidate).serial_number) == serial:
                         return candidate
                 except PKIError:
                     unreadable = unreadable or candidate
         return unreadable  # _derive_meta() then reports the file and why it cannot be read
 
-    def _derive_meta(self, entry: IndexEntry, problems: list[str]) -> CertMeta | None:
-        path = self._cert_file_for(entry)
+    def _derive_meta(self, serial: str, subject: str, problems: list[str]) -> CertMeta | None:
+        from certwarden.pki.x509 import profile_of
+
+        path = self._cert_file_for(serial, subject)
         if path is None:
             problems.append(
-                f"certificate {entry.serial} ({entry.subject}): no file found in "
+                f"certificate {serial} ({subject}): no file found in "
                 "certs_by_serial/, issued/ or revoked/; its profile is unknown"
             )
             return None
@@ -367,50 +430,99 @@ class PKIStore:
         except PKIError as exc:
             problems.append(str(exc))
             return None
-        return CertMeta(entry.common_name, profile_of(cert), cert.not_valid_before_utc)
+        return CertMeta(common_name(subject), profile_of(cert), cert.not_valid_before_utc)
+
+    def _meta_of(
+        self, block: IndexBlock, derived: dict[str, CertMeta], problems: list[str]
+    ) -> tuple[list[str], list[Profile], list[str | None]]:
+        """Name, profile and notBefore of each row, from the cache or else the certificate
+        (what is read is added to ``derived``, to cache)."""
+        meta = self._load_meta().by_serial()
+        found = list(map(meta.get, block.serial))
+        if not all(found):
+            for row, serial in enumerate(block.serial):
+                if found[row] is None:
+                    subject = block.subject[row]
+                    info = self._derive_meta(serial, subject, problems)
+                    if info is None:
+                        found[row] = (common_name(subject), Profile.UNKNOWN, None)
+                    else:
+                        derived[serial] = info
+                        found[row] = _cached_meta(info)
+        infos = cast(list[CachedMeta], found)  # none is None any more
+        return (
+            list(map(operator.itemgetter(0), infos)),
+            list(map(operator.itemgetter(1), infos)),
+            list(map(operator.itemgetter(2), infos)),
+        )
 
     def inventory(self, now: datetime | None = None) -> Inventory:
         """Every certificate in index.txt with its status computed from the dates."""
+        listing = self.listing(now)
+        return Inventory(listing.records(), listing.problems)
+
+    def listing(self, now: datetime | None = None) -> Listing:
+        """:meth:`inventory` as columns of text, made without an object a certificate.
+
+        Statuses come from comparing ISO 8601 texts of one format, which sort as the dates.
+        """
         now = now or datetime.now(UTC)
-        parsed = self.read_index()
-        problems = list(parsed.problems)
+        if now.utcoffset() is None:
+            raise TypeError("listing(now): now must be timezone-aware")
+        now_text = now.astimezone(UTC).replace(microsecond=0).isoformat()
+        index = parse_index_blocks(self._index_text(), "index.txt")
+        problems = index.problems
         meta = self._load_meta()
+        # Usually meta.tsv lists the serials of index.txt in the same order (both are appended
+        # to as certificates are issued): then its columns are used as they are, without a
+        # look-up by serial (40 ms at 100k). Both free of duplicates, each row is the last one.
+        aligned = not index.duplicates and meta.serial == list(
+            chain.from_iterable(block.serial for block in index.blocks)
+        )
         derived: dict[str, CertMeta] = {}
-        rows: list[tuple[IndexEntry, CertMeta | None, str, Status]] = []
-        last_live: dict[str, int] = {}
-        for entry in parsed.entries:
-            info = meta.get(entry.serial)
-            if info is None:
-                info = self._derive_meta(entry, problems)
-                if info is not None:
-                    derived[entry.serial] = info
-            name = info.name if info else entry.common_name
-            if entry.status == "R":
-                status = Status.REVOKED
-            elif entry.not_after <= now:
-                status = Status.EXPIRED
+        out: list[CertColumns] = []
+        # name: the row of its newest certificate not revoked (revoked ones go under None)
+        last_live: dict[str | None, int] = {}
+        first_row = 0
+        for block in index.blocks:
+            rows = len(block.serial)
+            end = first_row + rows
+            if aligned:
+                names = meta.name[first_row:end]
+                profiles = meta.profile[first_row:end]
+                not_before = meta.not_before[first_row:end]
             else:
-                status = Status.VALID
-            if status is not Status.REVOKED:
-                last_live[name] = len(rows)
-            rows.append((entry, info, name, status))
-        # Built once current is known: dataclasses.replace() afterwards cost ~4 us a record.
-        current = set(last_live.values())
-        records = [
-            CertRecord(
-                name=name,
-                serial=entry.serial,
-                status=status,
-                not_after=entry.not_after,
-                not_before=info.not_before if info else None,
-                revoked_at=entry.revoked_at,
-                reason=entry.reason,
-                profile=info.profile if info else Profile.UNKNOWN,
-                subject=entry.subject,
-                current=position in current,
+                names, profiles, not_before = self._meta_of(block, derived, problems)
+            status = list(map(_EXPIRED_OR_VALID.__getitem__, map(now_text.__lt__, block.not_after)))
+            keys: list[str | None] = [*names]
+            for row in compress(range(rows), block.revoked_at):
+                status[row] = Status.REVOKED
+                keys[row] = None
+            last_live.update(zip(keys, range(first_row, end), strict=True))
+            out.append(
+                CertColumns(
+                    name=names,
+                    serial=block.serial,
+                    status=status,
+                    not_before=not_before,
+                    not_after=block.not_after,
+                    revoked_at=block.revoked_at,
+                    reason=block.reason,
+                    profile=profiles,
+                    subject=block.subject,
+                    current=[],  # known once every block is read: filled in below
+                )
             )
-            for position, (entry, info, name, status) in enumerate(rows)
-        ]
+            first_row = end
+        last_live.pop(None, None)
+        current = [False] * first_row
+        for row in last_live.values():
+            current[row] = True
+        first_row = 0
+        for columns in out:
+            rows = len(columns.serial)
+            columns.current.extend(current[first_row : first_row + rows])
+            first_row += rows
         with contextlib.suppress(OSError):
             self._append_meta(derived)  # best effort: a read-only PKI still lists
         if self.journal_path.exists():
@@ -418,7 +530,7 @@ class PKIStore:
                 "an interrupted certwarden write is pending; the next write (or "
                 "`certwarden list --repair`) completes it"
             )
-        return Inventory(records, problems)
+        return Listing(out, problems)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -540,6 +652,85 @@ class PKIStore:
             self.recover()
             self._meta = None  # another process may have written since we last read
             yield
+
+
+def _cached_meta(meta: CertMeta) -> CachedMeta:
+    """``meta`` as meta.tsv gives it back (the date to the second, in UTC)."""
+    when = meta.not_before
+    if when is not None:
+        return (meta.name, meta.profile, when.astimezone(UTC).replace(microsecond=0).isoformat())
+    return (meta.name, meta.profile, None)
+
+
+def read_meta(text: str, block_chars: int = BLOCK_CHARS) -> MetaCache:
+    """The good lines of meta.tsv, a block at a time like :func:`parse_index_blocks`."""
+    meta = MetaCache()
+    # Lines end at "\n" only, as they are written: splitlines() would also end one inside a
+    # name holding "\r", "\x85" or "\u2028", so that its line was never read back.
+    if text and not text.endswith("\n"):
+        text += "\n"  # a torn last line, checked like the others
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + block_chars)
+        end = len(text) if end < 0 else end + 1
+        chunk = text[start:end]
+        if not _read_meta_block(chunk, meta):
+            _read_meta_lines(chunk, meta)
+        start = end
+    return meta
+
+
+def _read_meta_block(chunk: str, meta: MetaCache) -> bool:
+    """Add the lines of ``chunk`` (each ending with a newline) to ``meta`` and return True if
+    every one is good; else add nothing and return False (see parse_index_blocks)."""
+    # Every newline closes a notBefore field, so all fields come from one split.
+    fields = chunk.replace("\n", "\n\t").split("\t")
+    fields.pop()  # after the last newline
+    rows, rest = divmod(len(fields), 4)
+    if rest or chunk.count("\n") != rows:
+        return False
+    ends = "".join(fields[3::4])
+    # A field holding a newline ends with it (a tab follows each): with one in every
+    # notBefore, and no more in the chunk, every line has exactly four fields.
+    if ends.count("\n") != rows:
+        return False
+    profiles = fields[2::4]
+    if not _PROFILE_TEXTS.issuperset(profiles):
+        return False
+    texts = ends.split("\n")
+    texts.pop()
+    not_before: list[str | None]
+    if all(texts):
+        dates = iso_dates(texts)
+        if dates is None:
+            return False
+        not_before = list(dates)
+    else:  # some without a notBefore
+        known = list(map(bool, texts))
+        dates = iso_dates(list(compress(texts, known)))
+        if dates is None:
+            return False
+        given = iter(dates)
+        not_before = [next(given) if is_known else None for is_known in known]
+    meta.extend(fields[0::4], fields[1::4], list(map(_PROFILES.__getitem__, profiles)), not_before)
+    return True
+
+
+def _read_meta_lines(chunk: str, meta: MetaCache) -> None:
+    """Add the good lines of ``chunk`` to ``meta``, one at a time."""
+    for line in chunk.split("\n"):
+        fields = line.split("\t")
+        if len(fields) != 4:
+            continue  # a cache: a torn line is simply re-derived
+        serial, name, profile_text, not_before = fields
+        profile = _PROFILES.get(profile_text)
+        if profile is None:
+            continue
+        try:
+            when = parse_date(not_before).isoformat() if not_before else None
+        except ValueError:
+            continue
+        meta.extend([serial], [name], [profile], [when])
 
 
 def index_line(
