@@ -6,13 +6,14 @@ anything else is a bug and prints its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from itertools import compress
@@ -303,7 +304,8 @@ def crl(app: App, days: int | None) -> None:
     config = app.config(required=False) if app.pki_option is None else None
     if config is not None:
         default = config.crl.validity
-    published = app.ca().generate_crl(_days(days, default))
+    with _without_gc():
+        published = app.ca().generate_crl(_days(days, default))
     click.echo(
         f"CRL number {published.number} with {published.revoked} revoked, "
         f"next update {published.next_update:%Y-%m-%dT%H:%M:%SZ}"
@@ -601,10 +603,7 @@ def list_command(app: App, as_json: bool, show_all: bool) -> None:
     """List the certificates of the PKI."""
     store = app.store()
     store.require()
-    # Every object made here lives until the end: garbage collection only costs (15% at 100k).
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
+    with _without_gc():
         listing = store.listing()
         for problem in listing.problems:
             click.echo(f"certwarden: warning: {problem}", err=True)
@@ -615,6 +614,16 @@ def list_command(app: App, as_json: bool, show_all: bool) -> None:
         if not show_all:
             records = [record for record in records if record.status.value == "valid"]
         echo_records(records)
+
+
+@contextlib.contextmanager
+def _without_gc() -> Iterator[None]:
+    """For short commands whose objects all live until the end (100k index lines): the
+    garbage collector's passes over them only cost time (15-20% at 100k)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if collecting:
             gc.enable()

@@ -590,13 +590,8 @@ class CertificateAuthority:
             revoked, problems = store.read_revocations()
             for problem in problems:
                 log.warning("%s; the CRL leaves that line out", problem)
-            previous = None
-            try:
-                previous = store.current_crl()
-            except MalformedFile as exc:
-                log.warning("%s; writing a new one", exc)
             now = self.clock()
-            number = self._next_crl_number(previous, now)
+            number = self._next_crl_number(now)
             # Backdated for clock skew, but by at most a quarter of the validity: a CRL of a
             # minute or less would otherwise be due for its refresh (policy.crl_refresh_at)
             # the moment it is made, and the daemon would regenerate it in a loop.
@@ -607,7 +602,14 @@ class CertificateAuthority:
             der = crl.public_bytes(serialization.Encoding.DER)
             tx.staged.stage(store.crl_der_path, der, 0o644)
             tx.staged.stage(store.crl_pem_path, der_to_pem(der, "X509 CRL"), 0o644)
-            tx.staged.stage(store.meta_dir / "crlnumber", f"{number}\n".encode(), 0o600)
+            # With the number, which crl.pem it belongs to: next time, a crl.pem that is still
+            # this one need not be parsed (6.5 MB for 100k entries) to learn its number.
+            written = tx.staged.moves[-1].source.stat()
+            tx.staged.stage(
+                store.meta_dir / "crlnumber",
+                f"{number} {written.st_size} {written.st_mtime_ns}\n".encode(),
+                0o600,
+            )
             store.commit(tx)
         log.info(
             "published CRL number %d with %d revoked, next update %s",
@@ -619,17 +621,29 @@ class CertificateAuthority:
             number, last_update, next_update, len(revoked), store.crl_pem_path, store.crl_der_path
         )
 
-    def _next_crl_number(
-        self, previous: x509.CertificateRevocationList | None, now: datetime
-    ) -> int:
-        # The number must grow even when easy-rsa wrote a CRL without one in between, so it
-        # is at least the current Unix time as well as one more than any number seen.
+    def _next_crl_number(self, now: datetime) -> int:
+        """One more than any CRL number seen, and at least the current Unix time.
+
+        The time keeps the number growing even when easy-rsa wrote a CRL without one in
+        between. crl.pem is parsed only when it is not the one certwarden last wrote.
+        """
         candidates = [int(now.timestamp())]
-        if previous is not None and (number := crl_number(previous)) is not None:
-            candidates.append(number + 1)
-        saved = self.store.meta_dir / "crlnumber"
+        saved_number, ours = None, False
         with contextlib.suppress(FileNotFoundError, ValueError):
-            candidates.append(int(saved.read_text().strip()) + 1)
+            fields = (self.store.meta_dir / "crlnumber").read_text().split()
+            saved_number = int(fields[0])
+            candidates.append(saved_number + 1)
+            if len(fields) == 3:
+                pem = self.store.crl_pem_path.stat()
+                ours = (pem.st_size, pem.st_mtime_ns) == (int(fields[1]), int(fields[2]))
+        if not ours:
+            try:
+                previous = self.store.current_crl()
+            except MalformedFile as exc:
+                log.warning("%s; writing a new one", exc)
+                previous = None
+            if previous is not None and (number := crl_number(previous)) is not None:
+                candidates.append(number + 1)
         return max(candidates)
 
 
