@@ -322,15 +322,10 @@ class Event:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CertificateIssued(Event):
-    """A certificate for a name that had none (CLI, easy-rsa, or copied in)."""
+class _OneCertificate(Event):
+    """An event about one certificate, ``cert``."""
 
-    kind: ClassVar[EventKind] = EventKind.ISSUED
     cert: CertificateInfo
-
-    @property
-    def supersede_key(self) -> str:
-        return f"cert:{self.cert.name}"
 
     @property
     def subject_name(self) -> str:
@@ -342,6 +337,17 @@ class CertificateIssued(Event):
 
     def body(self) -> dict[str, Any]:
         return {"cert": self.cert.as_json()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificateIssued(_OneCertificate):
+    """A certificate for a name that had none (CLI, easy-rsa, or copied in)."""
+
+    kind: ClassVar[EventKind] = EventKind.ISSUED
+
+    @property
+    def supersede_key(self) -> str:
+        return f"cert:{self.cert.name}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -373,48 +379,27 @@ class CertificateRenewed(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CertificateRevoked(Event):
+class CertificateRevoked(_OneCertificate):
     kind: ClassVar[EventKind] = EventKind.REVOKED
-    cert: CertificateInfo
 
     @property
     def supersede_key(self) -> str:
         return f"revoked:{self.cert.serial}"
 
-    @property
-    def subject_name(self) -> str:
-        return self.cert.name
-
-    @property
-    def serial(self) -> str | None:
-        return self.cert.serial
-
-    def body(self) -> dict[str, Any]:
-        return {"cert": self.cert.as_json()}
-
 
 @dataclass(frozen=True, kw_only=True)
-class CertificateExpiring(Event):
+class CertificateExpiring(_OneCertificate):
     """A certificate inside its renewal window that certwarden cannot renew by itself."""
 
     kind: ClassVar[EventKind] = EventKind.EXPIRING
-    cert: CertificateInfo
     reason: str
 
     @property
     def supersede_key(self) -> str:
         return f"expiring:{self.cert.name}"
 
-    @property
-    def subject_name(self) -> str:
-        return self.cert.name
-
-    @property
-    def serial(self) -> str | None:
-        return self.cert.serial
-
     def body(self) -> dict[str, Any]:
-        return {"cert": self.cert.as_json(), "reason": self.reason}
+        return {**super().body(), "reason": self.reason}
 
 
 @dataclass(frozen=True, kw_only=True)
