@@ -490,33 +490,31 @@ def _read_outside(path: Path, what: str) -> bytes:
     return data
 
 
-def _pem_certificates(data: bytes, where: str) -> list[x509.Certificate]:
-    blocks = [b for b in pem_blocks(data) if b.startswith(b"-----BEGIN CERTIFICATE-----")]
+_PEMObject = TypeVar("_PEMObject", x509.Certificate, x509.CertificateRevocationList)
+
+
+def _pem_objects(
+    data: bytes, where: str, label: str, what: str, load: Callable[[bytes], _PEMObject]
+) -> list[_PEMObject]:
+    """Every ``label`` PEM block of ``data``, loaded; an error names ``where`` and the block."""
+    blocks = [b for b in pem_blocks(data) if b.startswith(f"-----BEGIN {label}-----".encode())]
     if not blocks:
-        raise NginxError(f"{where}: holds no PEM certificate")
-    certs = []
+        raise NginxError(f"{where}: holds no PEM {what}")
+    objects = []
     for number, block in enumerate(blocks, start=1):
         try:
-            certs.append(x509.load_pem_x509_certificate(block))
+            objects.append(load(block))
         except ValueError:
-            raise NginxError(f"{where}: certificate {number} cannot be read") from None
-    return certs
+            raise NginxError(f"{where}: {what} {number} cannot be read") from None
+    return objects
+
+
+def _pem_certificates(data: bytes, where: str) -> list[x509.Certificate]:
+    return _pem_objects(data, where, "CERTIFICATE", "certificate", x509.load_pem_x509_certificate)
 
 
 def _pem_crls(data: bytes, where: str) -> list[x509.CertificateRevocationList]:
-    blocks = [b for b in pem_blocks(data) if b.startswith(b"-----BEGIN X509 CRL-----")]
-    if not blocks:
-        raise NginxError(f"{where}: holds no PEM CRL")
-    crls = []
-    for number, block in enumerate(blocks, start=1):
-        try:
-            crls.append(x509.load_pem_x509_crl(block))
-        except ValueError:
-            raise NginxError(f"{where}: CRL {number} cannot be read") from None
-    return crls
-
-
-_PEMObject = TypeVar("_PEMObject", x509.Certificate, x509.CertificateRevocationList)
+    return _pem_objects(data, where, "X509 CRL", "CRL", x509.load_pem_x509_crl)
 
 
 def _unique(items: list[_PEMObject]) -> list[_PEMObject]:

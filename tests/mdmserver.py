@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certwarden.pki.x509 import CA_KEY_USAGE
 from certwarden.testing import require_tool
 
 Failure = Literal["500", "hang", "push_error", "command_error"]
@@ -70,17 +71,7 @@ class TestTLS:
             .not_valid_after(now + timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                CA_KEY_USAGE,
                 critical=True,
             )
             .add_extension(

@@ -36,6 +36,7 @@ from certwarden.errors import ConfigError
 from certwarden.pki.ca import CertificateAuthority
 from certwarden.pki.index import format_serial
 from certwarden.pki.model import Profile
+from certwarden.pki.x509 import CA_KEY_USAGE
 from certwarden.plugin_manager import load_config_and_plugins
 from certwarden.plugins.nginx import (
     NginxError,
@@ -577,17 +578,7 @@ def _ca_extensions(
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            CA_KEY_USAGE,
             True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)

@@ -46,6 +46,20 @@ _REASON_EXTENSIONS = {
 }
 
 
+# What a CA's key may do: sign certificates and CRLs (and, for OCSP or TLS, data).
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def generate_key(key_type: KeyType) -> PrivateKey:
     match key_type:
         case KeyType.EC_P256:
@@ -226,17 +240,7 @@ def build_ca(key: PrivateKey, common_name: str, now: datetime, days: int) -> x50
         .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            CA_KEY_USAGE,
             critical=True,
         )
         .add_extension(ski, critical=False)
