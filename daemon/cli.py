@@ -486,6 +486,15 @@ def export(
 _Group.lazy_commands["export"] = _export_command
 
 
+def _deliveries_command() -> click.Command:
+    from certwarden.delivery_commands import deliveries
+
+    return deliveries
+
+
+_Group.lazy_commands["deliveries"] = _deliveries_command
+
+
 _JSON_PIECES = 14  # of one row in _json_pieces()
 
 

@@ -29,6 +29,7 @@ from certwarden.dispatch import Dispatcher, RetryPolicy
 from certwarden.engine import Engine, Outlook
 from certwarden.errors import CertwardenError, ConfigError
 from certwarden.hookspecs import PluginContext
+from certwarden.instance import InstanceLock
 from certwarden.metrics import MetricsEndpoint
 from certwarden.pki.store import PKIStore
 from certwarden.plugin_manager import PluginSet, load_config_and_plugins
@@ -130,6 +131,7 @@ class Daemon:
         self._wake_fd = -1
         self._stop = False
         self._reload = False
+        self._retry_now = False
         self._status = ""
         # Guards _stopping: see _add_job.
         self._jobs_lock = threading.Lock()
@@ -145,6 +147,8 @@ class Daemon:
         # Runs in the main thread; the wake-up pipe (see _install_signals) got it out of select.
         if signum == signal.SIGHUP:
             self._reload = True
+        elif signum == signal.SIGUSR1:  # `certwarden deliveries retry` asks for it
+            self._retry_now = True
         else:
             self._stop = True
 
@@ -157,7 +161,7 @@ class Daemon:
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_fd = read_end
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, self._on_signal)
 
     def _sleep(self, seconds: float) -> None:
@@ -185,6 +189,8 @@ class Daemon:
         self.config = config
         self.plugins = plugins
         store = open_store(config)
+        self.instance = InstanceLock(config.state.dir)
+        self.instance.acquire()
         with store.writing():
             pass  # completes a PKI write a crash interrupted, before anything reads it
         self.state = StateStore(config.state.dir / "state.sqlite3")
@@ -232,6 +238,10 @@ class Daemon:
             if self._reload and not self._stop:
                 self._reload = False
                 self._reload_config()
+            if self._retry_now and not self._stop:
+                self._retry_now = False
+                log.info("SIGUSR1: retrying the deliveries that are due now")
+                self.dispatcher.enqueue_open(due_only=True)
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -246,6 +256,7 @@ class Daemon:
         self.dispatcher.call_lifecycle("certwarden_daemon_stopping")
         self.metrics.stop()
         self.state.close()
+        self.instance.release()
         log.info("stopped")
 
     def _reload_config(self) -> None:

@@ -88,3 +88,9 @@ class PluginError(CertwardenError):
     """A plugin could not be loaded or declares a hook that does not exist."""
 
     exit_code = 78
+
+
+class DaemonRunning(CertwardenError):
+    """Another certwarden daemon already uses this state folder."""
+
+    exit_code = 75  # EX_TEMPFAIL

@@ -46,7 +46,7 @@ log = logging.getLogger("certwarden.metrics")
 PLUGIN_METRICS_TIMEOUT = 5.0
 DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 CERT_LABELS = ("name", "serial", "profile")
-DELIVERY_OUTCOMES = ("succeeded", "failed", "superseded")
+DELIVERY_OUTCOMES = ("succeeded", "failed", "superseded", "dropped")
 RENEWAL_OUTCOMES = ("renewed", "failed")
 
 _PLUGIN_METRIC_NAME = re.compile(r"certwarden_[a-zA-Z0-9_]+")
@@ -254,7 +254,8 @@ class CertwardenCollector:
         total = CounterMetricFamily(
             "certwarden_deliveries",
             "Delivery attempts by plugin and outcome (succeeded, failed), and deliveries "
-            "dropped because a newer event replaced them (superseded).",
+            "given up because a newer event replaced them (superseded) or an operator "
+            "dropped them (dropped).",
             labels=["plugin", "outcome"],
         )
         pending = GaugeMetricFamily(
@@ -376,7 +377,7 @@ def delivery_outcomes(state: StateStore) -> dict[tuple[str, str], int]:
         attempts, n = int(row["attempts"]), int(row["n"])
         failed = attempts - n if status == "succeeded" else attempts
         counts[plugin, "failed"] = counts.get((plugin, "failed"), 0) + failed
-        if status in ("succeeded", "superseded"):
+        if status in ("succeeded", "superseded", "dropped"):
             counts[plugin, status] = counts.get((plugin, status), 0) + n
     return counts
 

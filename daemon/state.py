@@ -10,6 +10,7 @@ read while the daemon writes.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 import time
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     subject TEXT NOT NULL,
     serial TEXT,
     payload TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed', 'superseded')),
+    status TEXT NOT NULL
+        CHECK (status IN ('pending', 'succeeded', 'failed', 'superseded', 'dropped')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
@@ -59,6 +61,8 @@ CREATE TABLE IF NOT EXISTS renewals (
 );
 """
 
+# PRAGMA user_version: 1 added 'dropped' (an operator gave up on a delivery) to the statuses.
+SCHEMA_VERSION = 1
 OPEN = ("pending", "failed")
 
 
@@ -99,6 +103,43 @@ class NewDelivery:
     payload: str
 
 
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create the schema, or bring a state file written by an older certwarden up to date."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    with db:
+        # Explicit: Python's sqlite3 opens no transaction for DDL on its own, and a daemon
+        # and a CLI command may both be opening the file for the first time.
+        db.execute("BEGIN IMMEDIATE")
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        old = db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'deliveries'"
+        ).fetchone()
+        if old is not None and "'dropped'" not in old[0]:
+            # SQLite cannot change a CHECK constraint: rebuild the table, keeping its rows.
+            db.execute("ALTER TABLE deliveries RENAME TO deliveries_old")
+            db.execute("DROP INDEX deliveries_due")
+            db.execute("DROP INDEX deliveries_key")
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                db.execute(statement)
+        if old is not None and "'dropped'" not in old[0]:
+            db.execute("INSERT INTO deliveries SELECT * FROM deliveries_old")
+            db.execute("DROP TABLE deliveries_old")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _with_status(db: sqlite3.Connection, ids: Sequence[int], statuses: Sequence[str]) -> list[int]:
+    """Which of ``ids`` have one of ``statuses``."""
+    rows = db.execute(
+        "SELECT id FROM deliveries WHERE id IN (SELECT value FROM json_each(?)) "
+        "AND status IN (SELECT value FROM json_each(?)) ORDER BY id",
+        (json.dumps(list(ids)), json.dumps(list(statuses))),
+    )
+    return [int(row["id"]) for row in rows]
+
+
 class StateStore:
     """Thread-safe: one connection guarded by a lock (the daemon writes from few threads)."""
 
@@ -114,7 +155,7 @@ class StateStore:
                 self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
+                _migrate(self._db)
                 path.chmod(0o600)
         except sqlite3.Error as exc:
             raise StorageError(f"{path}: cannot open the state database ({exc})") from None
@@ -244,13 +285,14 @@ class StateStore:
     def finish_delivery(
         self, delivery_id: int, *, ok: bool, error: str | None, retry_at: float
     ) -> bool:
-        """Record one attempt. Returns False if the delivery was superseded meanwhile."""
+        """Record one attempt. Returns False if the delivery was superseded or dropped
+        meanwhile."""
         now = time.time()
         with self.transaction() as db:
             row = db.execute(
                 "SELECT status FROM deliveries WHERE id = ?", (delivery_id,)
             ).fetchone()
-            if row is None or row["status"] == "superseded":
+            if row is None or row["status"] not in OPEN:
                 return False
             db.execute(
                 "UPDATE deliveries SET status = ?, attempts = attempts + 1, last_error = ?, "
@@ -258,6 +300,53 @@ class StateStore:
                 ("succeeded" if ok else "failed", error, retry_at, now, delivery_id),
             )
         return True
+
+    def find_deliveries(
+        self,
+        *,
+        ids: Sequence[int] = (),
+        plugin: str | None = None,
+        open_only: bool = False,
+        limit: int | None = None,
+    ) -> list[Delivery]:
+        """Deliveries for the operator's commands, newest first; ``ids`` when given."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM deliveries "
+                "WHERE (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids))) "
+                "AND (:plugin IS NULL OR plugin = :plugin) "
+                "AND (NOT :open_only OR status IN ('pending', 'failed')) "
+                "ORDER BY id DESC LIMIT :limit",
+                {
+                    "ids": json.dumps(list(ids)) if ids else None,
+                    "plugin": plugin,
+                    "open_only": open_only,
+                    "limit": -1 if limit is None else limit,
+                },
+            ).fetchall()
+        return [Delivery(**dict(row)) for row in rows]
+
+    def drop_deliveries(self, ids: Sequence[int]) -> list[int]:
+        """Give up on these open deliveries; returns the ids that were open."""
+        now = time.time()
+        with self.transaction() as db:
+            changed = _with_status(db, ids, OPEN)
+            db.executemany(
+                "UPDATE deliveries SET status = 'dropped', updated_at = ? WHERE id = ?",
+                [(now, delivery_id) for delivery_id in changed],
+            )
+        return changed
+
+    def retry_deliveries_now(self, ids: Sequence[int]) -> list[int]:
+        """Make these failed deliveries due now; returns the ids that were failing."""
+        now = time.time()
+        with self.transaction() as db:
+            changed = _with_status(db, ids, ("failed",))
+            db.executemany(
+                "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                [(now, now, delivery_id) for delivery_id in changed],
+            )
+        return changed
 
     def delivery_counts(self) -> dict[tuple[str, str], int]:
         with self._lock:

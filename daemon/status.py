@@ -444,7 +444,9 @@ def _needs_attention(report: StatusReport) -> list[str]:
                 f"delivery of {delivery.event_kind} {delivery.subject} to plugin "
                 f"{delivery.plugin} is failing since "
                 f"{describe_delta(_age(delivery, now), signed=False)} "
-                f"({_attempts(delivery.attempts)}): {delivery.last_error}"
+                f"({_attempts(delivery.attempts)}): {delivery.last_error} "
+                f"(`certwarden deliveries retry {delivery.id}` once fixed, or `drop "
+                f"{delivery.id}`)"
             )
     items.extend(f"plugin {h.plugin}: {h.message}" for h in report.health)
     return items

@@ -94,6 +94,7 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
         click.secho(f"FAILING DELIVERIES ({len(failing)})", bold=True)
         table = [
             [
+                str(d.id),
                 d.plugin,
                 d.event_kind,
                 d.subject,
@@ -104,7 +105,9 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
             ]
             for d in failing[:rows]
         ]
-        echo_table(table, ("PLUGIN", "EVENT", "SUBJECT", "FAILING FOR", "TRIES", "NEXT", "ERROR"))
+        echo_table(
+            table, ("ID", "PLUGIN", "EVENT", "SUBJECT", "FAILING FOR", "TRIES", "NEXT", "ERROR")
+        )
         if len(failing) > rows:
             click.echo(f"... and {len(failing) - rows} more; --json lists them all")
         click.echo()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -537,6 +538,102 @@ def test_failed_deliveries_are_retried_with_backoff_and_after_a_restart(
 
     wait_until(lambda: site.status()["deliveries"] == [], timeout=20)
     assert sorted(delivered.read_text().split()) == ["ca_changed", "crl_published"]
+
+
+def test_an_operator_retries_a_fixed_delivery_now_and_drops_a_hopeless_one(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    marker, delivered = site.root / "target-is-up", site.root / "delivered.txt"
+    flaky = plugin_file(
+        site.root, "flaky", FLAKY.format(marker=str(marker), delivered=str(delivered))
+    )
+    # Retries an hour apart: only the operator's retry can make the delivery within the test.
+    site.configure(
+        daemon={"plugin_files": [str(flaky)], "retry_initial": "1h", "retry_max": "6h"},
+        plugins={"flaky": {"enabled": True}},
+    )
+    daemon = certwarden_daemon_factory(site.config)
+    wait_until(lambda: len(site.deliveries("plugin = 'flaky' AND attempts = 1")) == 2)
+
+    listed = site.cli("deliveries", "--plugin", "flaky", "--json")
+    assert listed.returncode == 0, listed.stderr
+    by_event = {d["event"]: d for d in json.loads(listed.stdout)}
+    assert {d["status"] for d in by_event.values()} == {"failed"}
+    crl_id, ca_id = by_event["crl_published"]["id"], by_event["ca_changed"]["id"]
+    table = site.cli("deliveries")
+    assert f"{crl_id}  " in table.stdout and "the deploy target is down" in table.stdout
+
+    marker.touch()
+    retried = site.cli("deliveries", "retry", str(crl_id))
+    assert retried.returncode == 0, retried.stderr
+    assert re.search(
+        rf"^delivery {crl_id} \(crl_published crl#\d+ to flaky\): due now$", retried.stdout, re.M
+    )
+    assert f"asked the daemon (pid {daemon.process.pid}) to retry them now" in retried.stdout  # type: ignore[union-attr]
+    wait_until(lambda: site.deliveries("id = ?", (crl_id,))[0]["status"] == "succeeded")
+    assert delivered.read_text().split() == ["crl_published"]
+
+    dropped = site.cli("deliveries", "drop", str(ca_id), str(crl_id))
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"delivery {ca_id} (ca_changed" in dropped.stdout
+    assert "dropped, not tried again" in dropped.stdout
+    assert "not open (succeeded), left as is" in dropped.stdout
+    assert [d for d in site.status()["deliveries"] if d["plugin"] == "flaky"] == []
+
+    # Even a restart, which tries every open delivery, leaves a dropped one alone.
+    assert daemon.stop() == 0
+    daemon.start()
+    wait_until(lambda: "plugins enabled" in daemon.log())
+    assert daemon.stop() == 0
+    history = json.loads(site.cli("deliveries", "--all", "--json", "--plugin", "flaky").stdout)
+    assert {d["event"]: d["status"] for d in history} == {
+        "crl_published": "succeeded",
+        "ca_changed": "dropped",
+    }
+    assert delivered.read_text().split() == ["crl_published"]
+
+
+def test_deliveries_commands_refuse_what_they_cannot_do_in_one_line(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    site.configure()
+    missing = site.cli("deliveries")
+    assert missing.returncode == 1
+    assert "no state yet; the daemon creates it when it first runs" in missing.stderr
+
+    certwarden_daemon_factory(site.config).stop()
+    for args, message in [
+        (["retry"], "retry: name the deliveries (IDs from `certwarden deliveries`), or give --all"),
+        (["drop", "1", "--all"], "drop: give delivery IDs or --all, not both"),
+        (["drop", "4242"], "drop: no delivery 4242; `certwarden deliveries --all` lists them"),
+        (["retry", "1", "--plugin", "exec"], "retry: --plugin narrows --all"),
+    ]:
+        result = site.cli("deliveries", *args)
+        assert result.returncode == 64, (args, result.stderr)
+        assert result.stderr.startswith(f"certwarden: error: {message}"), result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    assert site.cli("deliveries").stdout == "no open deliveries\n"
+    retry_all = site.cli("deliveries", "retry", "--all")
+    assert retry_all.stdout == "nothing to do: no such deliveries are open\n"
+
+
+def test_a_second_daemon_on_the_same_state_refuses_to_start(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    site.configure()
+    first = certwarden_daemon_factory(site.config)
+    assert first.process is not None
+
+    second = site.cli("run")
+
+    assert second.returncode == 75
+    assert second.stderr == (
+        f"certwarden: error: {site.root / 'state'}: another certwarden daemon "
+        f"(pid {first.process.pid}) uses this state folder; stop it first, or give this one "
+        "its own [state] dir\n"
+    )
+    first.kill()  # the lock goes with the process: no stale claim to clean up
+    certwarden_daemon_factory(site.config)
 
 
 # ---- signals -----------------------------------------------------------------------------------

@@ -415,3 +415,65 @@ def test_a_private_key_in_a_plugin_error_never_reaches_the_delivery_record() -> 
         assert body not in text and "PRIVATE KEY-----" not in text
         assert "[private key redacted]" in text
     assert whole == "ValueError: could not parse [private key redacted] at all"
+
+
+# ---- the operator's say: retry now, drop ------------------------------------------------------
+
+
+def test_retry_now_makes_only_failed_deliveries_due(make_setup: MakeSetup) -> None:
+    recorder = Recorder()
+    setup = make_setup(recorder=recorder)
+    later = time.time() + 3600
+    failing = fail_once_delivered(setup, crl_event(1), later)
+    (pending,) = setup.publish(ca_event(), deliver=False).values()
+
+    assert setup.state.retry_deliveries_now([failing, pending, 999]) == [failing]
+    setup.dispatcher.enqueue_open(due_only=True)
+
+    assert setup.dispatcher.wait_idle(5)
+    assert setup.status(failing) == "succeeded"
+
+
+def test_a_dropped_delivery_is_never_made_and_leaves_the_open_list(make_setup: MakeSetup) -> None:
+    recorder = Recorder()
+    setup = make_setup(recorder=recorder)
+    failing = fail_once_delivered(setup, crl_event(1), time.time() - 1)
+    done = fail_once_delivered(setup, ca_event(), time.time() - 1)
+    assert setup.state.finish_delivery(done, ok=True, error=None, retry_at=0)
+
+    assert setup.state.drop_deliveries([failing, done]) == [failing]
+    setup.dispatcher.enqueue_open(due_only=False)
+
+    assert setup.dispatcher.wait_idle(5)
+    assert recorder.events == []
+    assert setup.status(failing) == "dropped"
+    assert setup.status(done) == "succeeded"
+    assert setup.state.open_deliveries() == []
+
+
+def test_a_delivery_dropped_while_it_runs_stays_dropped(make_setup: MakeSetup) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    setup = make_setup(recorder=recorder)
+    (delivery_id,) = setup.publish(ca_event()).values()
+    assert recorder.waiting.wait(5)
+
+    setup.state.drop_deliveries([delivery_id])
+    gate.set()
+
+    assert setup.dispatcher.wait_idle(5)
+    assert setup.status(delivery_id) == "dropped"
+
+
+def test_find_deliveries_narrows_by_id_plugin_and_openness(make_setup: MakeSetup) -> None:
+    setup = make_setup(recorder=Recorder(), other=Recorder())
+    ids = setup.publish(crl_event(1), deliver=False)
+    first, second = (ids[key] for key in sorted(ids))
+    setup.state.drop_deliveries([first])
+    state = setup.state
+
+    assert [d.id for d in state.find_deliveries()] == sorted(ids.values(), reverse=True)
+    assert [d.id for d in state.find_deliveries(open_only=True)] == [second]
+    assert [d.id for d in state.find_deliveries(ids=[first])] == [first]
+    assert {d.plugin for d in state.find_deliveries(plugin="other")} == {"other"}
+    assert len(state.find_deliveries(limit=1)) == 1
