@@ -74,13 +74,11 @@ class App:
 
     def config(self, *, required: bool) -> Config | None:
         if not self._config_loaded:
-            from certwarden.config import config_path
+            from certwarden.config import config_given, config_path
             from certwarden.plugin_manager import load_config_and_plugins
 
-            path = config_path(self.config_option)
-            explicit = self.config_option is not None or "CERTWARDEN_CONFIG" in os.environ
-            if path.exists() or explicit or required:
-                self._config, _ = load_config_and_plugins(path)
+            if config_given(self.config_option) or required:
+                self._config, _ = load_config_and_plugins(config_path(self.config_option))
             self._config_loaded = True
         if required and self._config is None:
             raise ConfigError(["no configuration file found; give --config FILE"])
@@ -135,13 +133,23 @@ class _Group(click.Group):
     # Core commands whose options need slow imports, built when first asked for by name.
     lazy_commands: dict[str, Callable[[], click.Command]] = {}  # noqa: RUF012
 
-    def _add_plugin_commands(self) -> None:
+    def _add_plugin_commands(self, ctx: click.Context, *, strict: bool) -> None:
+        """Let every plugin add its commands, site files named by the configuration too.
+
+        ``strict``: a site plugin that cannot be loaded is an error (running a command that
+        may be its own), rather than left out (listing the commands for --help).
+        """
         if self._plugins_added:
             return
         self._plugins_added = True
-        from certwarden.plugin_manager import load_plugins
+        from certwarden.plugin_manager import load_plugins, site_plugin_files
 
-        plugins = load_plugins()
+        try:
+            plugins = load_plugins(site_plugin_files(ctx.params.get("config_option")))
+        except CertwardenError:
+            if strict:
+                raise
+            plugins = load_plugins()
         for _name, function in plugins.implementations("certwarden_cli"):
             function(group=self)
 
@@ -151,17 +159,20 @@ class _Group(click.Group):
             command = self.lazy_commands[cmd_name]()
             self.add_command(command, cmd_name)
         if command is None:
-            self._add_plugin_commands()
+            self._add_plugin_commands(ctx, strict=True)
             command = super().get_command(ctx, cmd_name)
         return command
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._add_plugin_commands()
+        self._add_plugin_commands(ctx, strict=False)
         return sorted({*super().list_commands(ctx), *self.lazy_commands})
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_option", metavar="FILE", help="Configuration file.")
+# Eager, so that `--config FILE --help` knows FILE when it lists the commands of its plugins.
+@click.option(
+    "--config", "config_option", metavar="FILE", is_eager=True, help="Configuration file."
+)
 @click.option(
     "--pki",
     "pki_option",
@@ -668,13 +679,11 @@ def plugins(app: App) -> None:
 
     config = None
     try:
-        config, loaded = load_config_and_plugins(
-            _config_file(app) if app.config_option or _has_config() else None
-        )
+        config, loaded = load_config_and_plugins(_config_file(app))
     except ConfigError:
         if app.config_option:
             raise
-        loaded = load_plugins()
+        loaded = load_plugins()  # no or a broken default configuration: what is installed
     rows = []
     for plugin in loaded:
         settings = config.plugins.get(plugin.name) if config else None
@@ -687,12 +696,6 @@ def _config_file(app: App) -> Path:
     from certwarden.config import config_path
 
     return config_path(app.config_option)
-
-
-def _has_config() -> bool:
-    from certwarden.config import config_path
-
-    return config_path(None).exists()
 
 
 @cli.command()

@@ -760,6 +760,12 @@ def config_path(cli_value: str | None) -> Path:
     return Path(from_env) if from_env else DEFAULT_PATH
 
 
+def config_given(cli_value: str | None) -> bool:
+    """Whether there is a configuration to read: one was named (``--config``,
+    ``$CERTWARDEN_CONFIG``; it must then exist), or the default file exists."""
+    return bool(cli_value) or PATH_ENV_VAR in os.environ or DEFAULT_PATH.exists()
+
+
 def load_config(
     path: Path | None = None,
     *,

@@ -24,7 +24,14 @@ from typing import Any
 import pluggy
 
 from certwarden import hookspecs
-from certwarden.config import Config, PluginSettings, config_path, parse_config, read_config_file
+from certwarden.config import (
+    Config,
+    PluginSettings,
+    config_given,
+    config_path,
+    parse_config,
+    read_config_file,
+)
 from certwarden.errors import ConfigError, PluginError
 from certwarden.pki.names import is_valid_name
 
@@ -173,6 +180,15 @@ def load_config_and_plugins(path: Path | None = None) -> tuple[Config, PluginSet
     plugins = load_plugins(files)
     config = parse_config(data, str(path), plugins.schemas(), base_dir=path.absolute().parent)
     return config, plugins
+
+
+def site_plugin_files(config_option: str | None) -> list[Path]:
+    """The ``[daemon] plugin_files`` of the configuration, read without validating the rest:
+    the command line needs them to know its commands, before any command runs."""
+    if not config_given(config_option):
+        return []
+    path = config_path(config_option)
+    return _plugin_files(read_config_file(path), path)
 
 
 def _plugin_files(data: dict[str, Any], path: Path) -> list[Path]:

@@ -21,6 +21,7 @@ from certwarden.plugin_manager import (
     load_plugins,
 )
 from certwarden.testing import render_toml
+from certwarden.testing import run_cli as cli_process
 
 HELPDESK = """\
     from pydantic import Field
@@ -262,3 +263,48 @@ def test_certwarden_plugins_lists_name_enabled_source_and_hooks(
     ]
     assert rows["exec"][1:3] == ["no", "built-in"]
     assert "certwarden_crl_published" in rows["exec"][3]
+
+
+# ---- commands from site plugin files -----------------------------------------------------------
+
+TICKETS = """\
+    import click
+
+    from certwarden.hookspecs import hookimpl
+
+
+    @hookimpl
+    def certwarden_cli(group):
+        @group.command()
+        @click.argument("name")
+        def ticket(name):
+            \"\"\"Open a ticket about certificate NAME.\"\"\"
+            click.echo(f"ticket opened for {name}")
+    """
+
+
+def test_a_site_plugin_file_adds_its_commands_to_the_command_line(tmp_path: Path) -> None:
+    plugin = write_plugin(tmp_path, "tickets", TICKETS)
+    config = write_config(tmp_path, daemon={"plugin_files": [str(plugin)]})
+
+    ran = cli_process("--config", str(config), "ticket", "alice")
+    listed = cli_process("--config", str(config), "--help")
+
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "ticket opened for alice\n", "")
+    assert re.search(r"^\s+ticket\s+Open a ticket about certificate NAME\.$", listed.stdout, re.M)
+
+
+def test_a_broken_site_plugin_fails_its_command_in_one_line_but_not_help(tmp_path: Path) -> None:
+    plugin = write_plugin(tmp_path, "tickets", "import no_such_module\n")
+    config = write_config(tmp_path, daemon={"plugin_files": [str(plugin)]})
+
+    ran = cli_process("--config", str(config), "ticket", "alice")
+    listed = cli_process("--config", str(config), "--help")
+
+    assert ran.returncode == 78
+    assert ran.stderr == (
+        f"certwarden: error: {plugin}: the plugin failed to import "
+        "(ModuleNotFoundError: No module named 'no_such_module')\n"
+    )
+    assert listed.returncode == 0
+    assert re.search(r"^\s+list\s", listed.stdout, re.M)
