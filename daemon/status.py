@@ -21,6 +21,7 @@ from typing import Any
 from certwarden.config import Config
 from certwarden.errors import PKIError
 from certwarden.hookspecs import DEPLOYED_CRL_NEXT_UPDATE, HealthProblem, MetricSample
+from certwarden.instance import running_pid
 from certwarden.pki.store import PKIStore
 from certwarden.pki.x509 import crl_number
 from certwarden.policy import RenewalPlan, crl_refresh_at, current_certificates, plan_renewal
@@ -137,6 +138,7 @@ class StatusReport:
     deployed_crls: list[DeployedCRL] = field(default_factory=list)
     failing_for: timedelta = timedelta(hours=1)
     crl_margin: timedelta = timedelta(days=2)
+    daemon_pid: int | None = None  # the daemon using this state folder; None: not running
 
     @property
     def failing_deliveries(self) -> list[Delivery]:
@@ -152,6 +154,7 @@ class StatusReport:
             counts[cert.urgency.value] += 1
         return {
             "now": self.now.isoformat(),
+            "daemon": {"running": self.daemon_pid is not None, "pid": self.daemon_pid},
             "certificates": [
                 {
                     **cert.plan.record.as_json(),
@@ -291,6 +294,7 @@ def gather(
         deployed_crls=deployed_crls(plugin_samples, margin, now),
         failing_for=failing_for,
         crl_margin=config.status.crl_margin,
+        daemon_pid=running_pid(config.state.dir),
     )
     report.needs_attention = _needs_attention(report)
     return report

@@ -63,6 +63,12 @@ svg text{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",san
 """
 
 
+def _daemon(report: StatusReport) -> str:
+    if report.daemon_pid is not None:
+        return f"daemon running (pid {report.daemon_pid})"
+    return f'<span style="color:{COLOURS[Urgency.YELLOW]}">daemon not running</span>'
+
+
 def render_html(report: StatusReport, *, title: str = "certwarden status") -> str:
     """The page for ``report``; a complete HTML document."""
     now = report.now
@@ -75,7 +81,8 @@ def render_html(report: StatusReport, *, title: str = "certwarden status") -> st
         f"<title>{escape(title)}</title><style>{_CSS}</style></head><body><main>",
         "<header>",
         f"<h1>{escape(title)}</h1>",
-        f'<div class="meta">at {_when(now)} &middot; certwarden {escape(__version__)}</div>',
+        f'<div class="meta">at {_when(now)} &middot; certwarden {escape(__version__)} '
+        f"&middot; {_daemon(report)}</div>",
         "</header>",
         _banner(report),
         '<div class="grid">',

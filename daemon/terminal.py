@@ -80,6 +80,12 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
 
     now = report.now
     click.secho(f"certwarden status at {_short(now)}", bold=True)
+    if report.daemon_pid is not None:
+        click.echo(f"daemon: running (pid {report.daemon_pid})")
+    else:
+        click.secho(
+            "daemon: not running; renewals, CRL refreshes and deliveries wait for it", fg="yellow"
+        )
     click.echo()
     if report.needs_attention:
         click.secho("NEEDS ATTENTION", fg="red", bold=True)

@@ -632,8 +632,15 @@ def test_a_second_daemon_on_the_same_state_refuses_to_start(
         f"(pid {first.process.pid}) uses this state folder; stop it first, or give this one "
         "its own [state] dir\n"
     )
+    assert site.status()["daemon"] == {"running": True, "pid": first.process.pid}
+    assert f"daemon: running (pid {first.process.pid})" in site.cli("status").stdout
+
     first.kill()  # the lock goes with the process: no stale claim to clean up
-    certwarden_daemon_factory(site.config)
+    assert site.status()["daemon"] == {"running": False, "pid": None}
+    assert "daemon: not running" in site.cli("status").stdout
+    third = certwarden_daemon_factory(site.config)
+    assert third.process is not None
+    assert site.status()["daemon"]["pid"] == third.process.pid
 
 
 # ---- signals -----------------------------------------------------------------------------------

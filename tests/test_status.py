@@ -329,7 +329,8 @@ def test_the_terminal_shows_failing_deliveries_first_then_the_crl_then_the_timel
 
     assert code == EXIT_NEEDS_ATTENTION
     order = [
-        text.index(h) for h in ("NEEDS ATTENTION", "FAILING DELIVERIES", "CRL", "CERTIFICATES")
+        text.index(f"\n{h}")  # the headings, at the start of their lines
+        for h in ("NEEDS ATTENTION", "FAILING DELIVERIES", "CRL", "CERTIFICATES")
     ]
     assert order == sorted(order)
     lines = text.splitlines()
