@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 import click
 
@@ -22,6 +23,7 @@ from certwarden.errors import CertwardenError, UsageError
 from certwarden.state import Delivery, StateStore
 from certwarden.terminal import echo_table
 
+F = TypeVar("F", bound=Callable[..., Any])
 RECENT = 50  # what `deliveries --all` shows unless --limit says otherwise
 
 
@@ -58,10 +60,21 @@ def deliveries(
         )
 
 
+def _selection(which: str) -> Callable[[F], F]:
+    """The arguments that choose deliveries: IDS, or --all (of one --plugin)."""
+
+    def decorate(function: F) -> F:
+        function = click.option("--plugin", help="With --all: only this plugin's.")(function)
+        function = click.option(
+            "--all", "every", is_flag=True, help=f"Every {which} delivery (of --plugin)."
+        )(function)
+        return click.argument("ids", nargs=-1, type=int)(function)
+
+    return decorate
+
+
 @deliveries.command()
-@click.argument("ids", nargs=-1, type=int)
-@click.option("--all", "every", is_flag=True, help="Every failing delivery (of --plugin).")
-@click.option("--plugin", help="With --all: only this plugin's.")
+@_selection("failing")
 @pass_app
 def retry(app: App, ids: tuple[int, ...], every: bool, plugin: str | None) -> None:
     """Retry failing deliveries IDS now instead of after their backoff."""
@@ -82,9 +95,7 @@ def retry(app: App, ids: tuple[int, ...], every: bool, plugin: str | None) -> No
 
 
 @deliveries.command()
-@click.argument("ids", nargs=-1, type=int)
-@click.option("--all", "every", is_flag=True, help="Every open delivery (of --plugin).")
-@click.option("--plugin", help="With --all: only this plugin's.")
+@_selection("open")
 @pass_app
 def drop(app: App, ids: tuple[int, ...], every: bool, plugin: str | None) -> None:
     """Give up on open deliveries IDS: they are not tried again."""

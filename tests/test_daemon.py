@@ -502,17 +502,27 @@ FLAKY = """\
     """
 
 
-def test_failed_deliveries_are_retried_with_backoff_and_after_a_restart(
-    site: Site, certwarden_daemon_factory: StartDaemon
-) -> None:
+def configure_flaky(site: Site, *, retry_initial: str, retry_max: str) -> tuple[Path, Path]:
+    """Enable the FLAKY site plugin; returns (the marker that makes it succeed, its log)."""
     marker, delivered = site.root / "target-is-up", site.root / "delivered.txt"
     flaky = plugin_file(
         site.root, "flaky", FLAKY.format(marker=str(marker), delivered=str(delivered))
     )
     site.configure(
-        daemon={"plugin_files": [str(flaky)], "retry_initial": "1s", "retry_max": "2s"},
+        daemon={
+            "plugin_files": [str(flaky)],
+            "retry_initial": retry_initial,
+            "retry_max": retry_max,
+        },
         plugins={"flaky": {"enabled": True}},
     )
+    return marker, delivered
+
+
+def test_failed_deliveries_are_retried_with_backoff_and_after_a_restart(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    marker, delivered = configure_flaky(site, retry_initial="1s", retry_max="2s")
     daemon = certwarden_daemon_factory(site.config)
 
     def flaky_rows() -> list[dict[str, Any]]:
@@ -543,15 +553,8 @@ def test_failed_deliveries_are_retried_with_backoff_and_after_a_restart(
 def test_an_operator_retries_a_fixed_delivery_now_and_drops_a_hopeless_one(
     site: Site, certwarden_daemon_factory: StartDaemon
 ) -> None:
-    marker, delivered = site.root / "target-is-up", site.root / "delivered.txt"
-    flaky = plugin_file(
-        site.root, "flaky", FLAKY.format(marker=str(marker), delivered=str(delivered))
-    )
     # Retries an hour apart: only the operator's retry can make the delivery within the test.
-    site.configure(
-        daemon={"plugin_files": [str(flaky)], "retry_initial": "1h", "retry_max": "6h"},
-        plugins={"flaky": {"enabled": True}},
-    )
+    marker, delivered = configure_flaky(site, retry_initial="1h", retry_max="6h")
     daemon = certwarden_daemon_factory(site.config)
     wait_until(lambda: len(site.deliveries("plugin = 'flaky' AND attempts = 1")) == 2)
 
