@@ -29,9 +29,10 @@ from certwarden.pki.store import Listing, PKIStore
 from certwarden.terminal import echo_records, echo_table
 
 if TYPE_CHECKING:
-    from certwarden.config import Config
+    from certwarden.config import Config, Device
     from certwarden.pki.ca import CertificateAuthority
     from certwarden.pki.export import Identity
+    from certwarden.plugins.bundles import DeliverySettings
 
 # The commands import what they need when they run (certwarden.pki.ca, export, mobileconfig):
 # those import cryptography, which `certwarden list` does not need; importing this module took
@@ -357,6 +358,7 @@ def _mobileconfig_options(function: F) -> F:
 
 
 def _mobileconfig(
+    app: App,
     identity: Identity,
     password: str,
     *,
@@ -367,6 +369,9 @@ def _mobileconfig(
     sign_key: Path | None,
     embed_password: bool,
 ) -> bytes:
+    """The profile of ``identity``: the options given, else those of the delivery plugin that
+    would send it, so that a profile installed by hand and one the MDM pushes later share
+    their PayloadIdentifier (the device replaces one with the other instead of keeping both)."""
     from certwarden.config import read_secret
     from certwarden.pki.mobileconfig import (
         ProfileOptions,
@@ -375,21 +380,27 @@ def _mobileconfig(
         validate_identifier_prefix,
     )
 
-    defaults = ProfileOptions()
     if identifier_prefix is not None:
         try:
             validate_identifier_prefix(identifier_prefix)
         except ValueError as exc:
             raise UsageError(f"--identifier-prefix: {exc}") from None
-    options = ProfileOptions(
-        identifier_prefix=identifier_prefix or defaults.identifier_prefix,
-        display_name=display_name or defaults.display_name,
-        organization=organization,
-        embed_password=embed_password,
-    )
     if (sign_cert is None) != (sign_key is None):
         raise UsageError("--sign-cert and --sign-key go together")
+    base = ProfileOptions(embed_password=embed_password)
     signer = None
+    delivery = _delivery_settings(app, identity.name)
+    if delivery is not None:
+        plugin, settings, device = delivery
+        base = settings.profile_options(identity.name, device, embed_password=embed_password)
+        signer = settings.signer()
+        click.echo(f"profile settings from [plugins.{plugin}], unless given as options")
+    options = dataclasses.replace(
+        base,
+        identifier_prefix=identifier_prefix or base.identifier_prefix,
+        display_name=display_name or base.display_name,
+        organization=organization or base.organization,
+    )
     if sign_cert is not None and sign_key is not None:
         signer = ProfileSigner.from_pem(
             sign_cert.read_bytes(),
@@ -398,6 +409,25 @@ def _mobileconfig(
             key_where=str(sign_key),
         )
     return build_mobileconfig(identity, password, options, signer)
+
+
+def _delivery_settings(
+    app: App, name: str
+) -> tuple[str, DeliverySettings, Device | None] | None:
+    """The enabled delivery plugin that would send ``name``'s profile, with its settings:
+    the MDM for a device with an ``mdm_id``, else email, else whichever is enabled."""
+    config = app.config(required=False)
+    if config is None:
+        return None
+    from certwarden.plugins.bundles import DeliverySettings
+
+    device = config.device(name)
+    order = ("mdm", "email") if device is None or device.mdm_id else ("email", "mdm")
+    for plugin in order:
+        settings = config.plugins.get(plugin)
+        if isinstance(settings, DeliverySettings) and settings.enabled:
+            return plugin, settings, device
+    return None
 
 
 def _export_command() -> click.Command:
@@ -476,6 +506,7 @@ def export(
     if bundle_format is BundleFormat.MOBILECONFIG:
         assert password is not None
         data = _mobileconfig(
+            app,
             identity,
             password,
             identifier_prefix=identifier_prefix,

@@ -115,9 +115,12 @@ class DeliverySettings(PluginSettings):
             key_where=str(self.signing_key),
         )
 
-    def profile_options(self, device: Device, *, embed_password: bool) -> ProfileOptions:
+    def profile_options(
+        self, name: str, device: Device | None, *, embed_password: bool
+    ) -> ProfileOptions:
+        """The profile of certificate ``name`` for ``device`` (None: not in [[devices]])."""
         shown = self.display_name.format(
-            name=device.name, device=device.display_name or device.name
+            name=name, device=device.display_name or name if device else name
         )
         return ProfileOptions(
             identifier_prefix=self.identifier_prefix,
@@ -140,7 +143,7 @@ class DeliverySettings(PluginSettings):
         """
         identity = cert.identity()
         if device.platform in APPLE_PLATFORMS:
-            options = self.profile_options(device, embed_password=embed_password)
+            options = self.profile_options(cert.name, device, embed_password=embed_password)
             data = build_mobileconfig(identity, password, options, self.signer())
             return Bundle(
                 f"{cert.name}.mobileconfig", MEDIA_TYPE, "mobileconfig", data, embed_password

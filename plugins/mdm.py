@@ -71,6 +71,14 @@ def _https_url(value: str) -> str:
 HttpsUrl = Annotated[str, AfterValidator(_https_url)]
 
 
+def endpoint(url: str) -> tuple[str, int]:
+    """(host, port) to connect to for an https URL. The port is always given: without one,
+    http.client would read the last part of an IPv6 address (``[::1]``) as the port."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None, "validated by _https_url"
+    return parts.hostname, parts.port or 443
+
+
 class MDMSettings(DeliverySettings):
     """``[plugins.mdm]``: install certificates on devices through an MDM server.
 
@@ -385,12 +393,11 @@ class Plugin:
         settings = self.settings
         assert settings.url is not None
         url = urlsplit(settings.url)
-        assert url.hostname is not None
         context = ssl.create_default_context(
             cafile=str(settings.ca_file) if settings.ca_file else None
         )
         connection = http.client.HTTPSConnection(
-            url.hostname, url.port, timeout=settings.timeout.total_seconds(), context=context
+            *endpoint(settings.url), timeout=settings.timeout.total_seconds(), context=context
         )
         try:
             connection.request(method, (url.path + path) or "/", body=body, headers=headers)

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytest
 from conftest import PKI, RunCli
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from mdmserver import OpenedProfile, TestTLS, assert_apple_pkcs12, openssl_pkcs12_info
+from profiles import normalized_profile, pkcs12_contents
 from smtpserver import Mail, SMTPServer
 
 from certwarden.daemon import plugin_contexts
@@ -122,35 +121,6 @@ def assert_password_absent(mail: Mail, password: str) -> None:
         if part.get_content_type() == "application/x-apple-aspen-config":
             for payload in plistlib.loads(data)["PayloadContent"]:
                 assert "Password" not in payload
-
-
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-def pkcs12_contents(data: bytes, password: str) -> tuple[bytes, bytes, list[bytes], bytes | None]:
-    """What a PKCS#12 holds, decrypted: key, certificate, chain, friendly name."""
-    loaded = pkcs12.load_pkcs12(data, password.encode())
-    assert loaded.key is not None and loaded.cert is not None
-    key = loaded.key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    chain = [der(c.certificate) for c in loaded.additional_certs]
-    return key, der(loaded.cert.certificate), chain, loaded.cert.friendly_name
-
-
-def normalized_profile(data: bytes, password: str) -> dict[str, Any]:
-    """A profile with what differs by design between two builds taken out: the PayloadUUIDs
-    (fresh for each build) and the PKCS#12 bytes (salted), replaced by what they decrypt to."""
-    plist: dict[str, Any] = plistlib.loads(data)
-    plist["PayloadUUID"] = "UUID"
-    for payload in plist["PayloadContent"]:
-        payload["PayloadUUID"] = "UUID"
-        if payload["PayloadType"] == "com.apple.security.pkcs12":
-            payload["PayloadContent"] = pkcs12_contents(payload["PayloadContent"], password)
-    return plist
 
 
 def certwarden_log(caplog: pytest.LogCaptureFixture) -> str:

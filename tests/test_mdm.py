@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PKI
+from conftest import PKI, RunCli
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from mdmserver import MDMServer, OpenedProfile, Request, TestTLS, assert_apple_pkcs12
+from profiles import SigningChain, normalized_profile
 from smtpserver import SMTPServer
 
 from certwarden.daemon import plugin_contexts
@@ -32,7 +33,7 @@ from certwarden.events import (
 )
 from certwarden.pki.ca import IssueRequest
 from certwarden.plugin_manager import load_config_and_plugins
-from certwarden.plugins.mdm import MDMFailed, Plugin
+from certwarden.plugins.mdm import MDMFailed, Plugin, endpoint
 from certwarden.testing import DaemonProcess, make_pki, wait_until, write_config
 
 UDID = "0000FE00-5FB2A2B1E8C0D4F2"
@@ -155,6 +156,81 @@ def test_nanomdm_gets_an_install_profile_command_plist_with_the_renewed_certific
     serial, password = installed_serial(request, tmp_path)
     assert serial == new.serial != old.serial
     assert password not in certwarden_log(caplog)
+
+
+@pytest.mark.parametrize("backend", ["nanomdm", "micromdm"])
+def test_a_configured_signer_signs_the_pushed_profile_and_openssl_verifies_it(
+    tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer, backend: str
+) -> None:
+    signing = SigningChain.create(tmp_path / "signing")
+    settings = mdm_settings(
+        mdm,
+        tls,
+        tmp_path,
+        backend=backend,
+        signing_cert=signing.cert_file,
+        signing_key=signing.key_file,
+        display_name="{device} (work)",
+    )
+    plugin = configure(tmp_path, pki, settings, [device(display_name="Alice's iPhone")])
+    plugin.certwarden_issued(event=issued(pki))
+
+    [request] = mdm.accepted
+    opened = OpenedProfile.parse(signing.verified(request.payload(), tmp_path))
+    assert opened.plist["PayloadIdentifier"] == "com.example.certs.alice-phone"
+    assert opened.plist["PayloadDisplayName"] == "Alice's iPhone (work)"
+    assert opened.plist["PayloadOrganization"] == "Example Ltd"
+
+
+def test_export_with_the_configuration_writes_the_profile_the_mdm_pushes(
+    tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer, run_cli: RunCli
+) -> None:
+    """A profile installed by hand and the one the MDM pushes later must share their
+    PayloadIdentifier, or the device keeps both: export takes the MDM's settings."""
+    signing = SigningChain.create(tmp_path / "signing")
+    settings = mdm_settings(
+        mdm,
+        tls,
+        tmp_path,
+        signing_cert=signing.cert_file,
+        signing_key=signing.key_file,
+        display_name="{device} (work)",
+    )
+    plugin = configure(tmp_path, pki, settings, [device(display_name="Alice's iPhone")])
+    plugin.certwarden_issued(event=issued(pki))
+    [request] = mdm.accepted
+    pushed = signing.verified(request.payload(), tmp_path)
+    password = OpenedProfile.parse(pushed).pkcs12_payload["Password"]
+    out = tmp_path / "alice.mobileconfig"
+
+    code, stdout, stderr = run_cli(
+        [
+            "--config", tmp_path / "certwarden.toml", "export", "alice-phone",
+            "--format", "mobileconfig", "--out", out, "--embed-password",
+            "--password-file", secret_file(tmp_path / "bundle-password", password),
+        ]
+    )  # fmt: skip
+
+    assert code == 0, stderr
+    assert "profile settings from [plugins.mdm], unless given as options" in stdout
+    exported = signing.verified(out.read_bytes(), tmp_path)
+    assert normalized_profile(exported, password) == normalized_profile(pushed, password)
+
+    # An option still wins over the configuration.
+    code, _, stderr = run_cli(
+        [
+            "--config", tmp_path / "certwarden.toml", "export", "alice-phone",
+            "--format", "mobileconfig", "--out", out, "--organization", "Other Ltd",
+            "--password-file", tmp_path / "bundle-password",
+        ]
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert (
+        OpenedProfile.parse(signing.verified(out.read_bytes(), tmp_path)).plist[
+            "PayloadOrganization"
+        ]
+        == "Other Ltd"
+    )
 
 
 @pytest.mark.parametrize("failure", ["push_error", "command_error", "500"])
@@ -476,3 +552,18 @@ def test_the_daemon_retries_after_a_500_a_timeout_and_a_refused_key(
     current = test_pki.store.inventory().current("alice-phone")
     assert current is not None
     assert installed_serial(mdm.accepted[0], tmp_path)[0] == current.serial
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://mdm.example.com", ("mdm.example.com", 443)),
+        ("https://mdm.example.com:8443/api", ("mdm.example.com", 8443)),
+        ("https://[::1]", ("::1", 443)),
+        ("https://[2001:db8::5]:9000", ("2001:db8::5", 9000)),
+    ],
+)
+def test_the_mdm_is_reached_on_the_url_host_and_port_ipv6_included(
+    url: str, expected: tuple[str, int]
+) -> None:
+    assert endpoint(url) == expected

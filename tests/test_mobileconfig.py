@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import plistlib
 import re
-import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from conftest import PKI, RunCli
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs12
-from cryptography.x509.oid import NameOID
 from mdmserver import OpenedProfile, assert_apple_pkcs12
+from profiles import SigningChain, der
 
 from certwarden.errors import PKIError
 from certwarden.pki.ca import IssueRequest
@@ -27,7 +25,6 @@ from certwarden.pki.mobileconfig import (
     profile_identifier,
     sign_profile,
 )
-from certwarden.testing import require_tool
 
 PASSWORD = "k7fq2-mz9xa-3hj4p-wr8tn"
 UUID4 = re.compile(r"[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9A-F]{12}")
@@ -37,10 +34,6 @@ UUID4 = re.compile(r"[0-9A-F]{8}-[0-9A-F]{4}-4[0-9A-F]{3}-[89AB][0-9A-F]{3}-[0-9
 def identity(pki: PKI) -> Identity:
     pki.ca.issue([IssueRequest("alice-phone")])
     return load_identity(pki.store, "alice-phone")
-
-
-def der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def test_profile_installs_the_ca_as_root_and_the_identity_as_pkcs12(
@@ -117,94 +110,35 @@ def test_identifier_prefix_must_be_reverse_dns() -> None:
 # ---- signing ----------------------------------------------------------------------------------
 
 
-def _cert(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool,
-) -> x509.Certificate:
-    now = datetime.now(UTC) - timedelta(minutes=5)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, signing_key = (issuer[0].subject, issuer[1]) if issuer else (name, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    return builder.sign(signing_key, hashes.SHA256())
-
-
 @pytest.fixture(params=["ec", "rsa"])
-def signing_chain(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path, Path]:
-    """(root CA file, signing cert + intermediate file, signing key file)."""
-    root_key = ec.generate_private_key(ec.SECP256R1())
-    root = _cert("Profile Root", root_key, None, ca=True)
-    middle_key = ec.generate_private_key(ec.SECP256R1())
-    middle = _cert("Profile Intermediate", middle_key, (root, root_key), ca=True)
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
-        ec.generate_private_key(ec.SECP256R1())
-        if request.param == "ec"
-        else rsa.generate_private_key(65537, 2048)
-    )
-    leaf = _cert("Profile Signer", key, (middle, middle_key), ca=False)
-    pem = serialization.Encoding.PEM
-    root_file = tmp_path / "root.pem"
-    root_file.write_bytes(root.public_bytes(pem))
-    cert_file = tmp_path / "signer.pem"
-    cert_file.write_bytes(leaf.public_bytes(pem) + middle.public_bytes(pem))
-    key_file = tmp_path / "signer.key"
-    key_file.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_file.chmod(0o600)
-    return root_file, cert_file, key_file
+def signing_chain(request: pytest.FixtureRequest, tmp_path: Path) -> SigningChain:
+    return SigningChain.create(tmp_path / "signing", request.param)
 
 
 def test_openssl_cms_verifies_a_signed_profile_and_returns_the_plist_byte_for_byte(
-    identity: Identity, tmp_path: Path, signing_chain: tuple[Path, Path, Path]
+    identity: Identity, tmp_path: Path, signing_chain: SigningChain
 ) -> None:
-    openssl = require_tool("openssl")
-    root_file, cert_file, key_file = signing_chain
     signer = ProfileSigner.from_pem(
-        cert_file.read_bytes(), key_file.read_bytes(), cert_where="signer.pem", key_where="k"
+        signing_chain.cert_file.read_bytes(),
+        signing_chain.key_file.read_bytes(),
+        cert_where="signer.pem",
+        key_where="k",
     )
     plist = build_mobileconfig(identity, PASSWORD)
-    signed = tmp_path / "signed.mobileconfig"
-    signed.write_bytes(sign_profile(plist, signer))
-    out = tmp_path / "out.plist"
-    # Only the root is trusted: the intermediate must come from the signature itself, and
-    # without -content the plist must be embedded in it.
-    done = subprocess.run(
-        [
-            openssl, "cms", "-verify", "-in", str(signed), "-inform", "DER",
-            "-CAfile", str(root_file), "-out", str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert "Verification successful" in done.stderr
-    assert out.read_bytes() == plist
+
+    assert signing_chain.verified(sign_profile(plist, signer), tmp_path) == plist
 
 
-def test_signer_key_must_match_its_certificate(
-    tmp_path: Path, signing_chain: tuple[Path, Path, Path]
-) -> None:
-    _, cert_file, _ = signing_chain
+def test_signer_key_must_match_its_certificate(signing_chain: SigningChain) -> None:
     other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     with pytest.raises(PKIError, match="does not belong"):
-        ProfileSigner.from_pem(cert_file.read_bytes(), other, cert_where="c", key_where="k")
+        ProfileSigner.from_pem(
+            signing_chain.cert_file.read_bytes(), other, cert_where="c", key_where="k"
+        )
 
 
 # ---- certwarden export --format mobileconfig ----------------------------------------------------
@@ -253,27 +187,17 @@ def test_export_signs_with_sign_cert_and_sign_key(
     identity: Identity,
     run_cli: RunCli,
     tmp_path: Path,
-    signing_chain: tuple[Path, Path, Path],
+    signing_chain: SigningChain,
 ) -> None:
-    openssl = require_tool("openssl")
-    root_file, cert_file, key_file = signing_chain
     out = tmp_path / "signed.mobileconfig"
     argv: list[str | Path] = [
-        "--pki", pki.root, "export", "alice-phone", "--format", "mobileconfig", "--out", out
+        "--pki", pki.root, "export", "alice-phone", "--format", "mobileconfig", "--out", out,
+        "--sign-cert", signing_chain.cert_file, "--sign-key", signing_chain.key_file,
     ]  # fmt: skip
-    code, _, stderr = run_cli([*argv, "--sign-cert", cert_file, "--sign-key", key_file])
+    code, _, stderr = run_cli(argv)
     assert code == 0, stderr
-    plist_out = tmp_path / "plist"
-    done = subprocess.run(
-        [
-            openssl, "cms", "-verify", "-in", str(out), "-inform", "DER",
-            "-CAfile", str(root_file), "-out", str(plist_out),
-        ],
-        capture_output=True,
-        check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert plistlib.loads(plist_out.read_bytes())["PayloadType"] == "Configuration"
+    plist = signing_chain.verified(out.read_bytes(), tmp_path)
+    assert plistlib.loads(plist)["PayloadType"] == "Configuration"
 
 
 @pytest.mark.parametrize(
