@@ -470,6 +470,31 @@ def test_failed_reload_keeps_the_tested_files_and_the_next_sync_reloads(make_sit
     assert not plugin.sync()[0].reloaded
 
 
+def test_a_reload_still_owed_survives_a_failing_test_command(make_site: Any) -> None:
+    # The reload fails (files installed, nginx not told), then a sync's test command fails:
+    # once both are fixed, the next sync must still reload, although every file is in place.
+    site = make_site()
+    alice = site.client("alice")
+    site.target_options = {"reload_command": ["false"]}
+    site.write_config()
+    site.pki.ca.revoke("alice")
+    site.pki.ca.generate_crl(timedelta(days=7))
+    with pytest.raises(NginxError, match="reload command false exited with 1"):
+        site.plugin().sync()
+    assert site.status(alice) == 200  # nginx still serves the CRL without alice
+
+    site.target_options = {"test_command": ["false"]}
+    site.write_config()
+    with pytest.raises(NginxError, match="test command false exited with 1"):
+        site.plugin().sync()
+
+    site.target_options = {}
+    site.write_config()
+    [report] = site.plugin().sync()
+    assert report.reloaded and report.changed == []
+    assert site.status(alice) == 400
+
+
 # ---- the probe -------------------------------------------------------------------------------
 
 

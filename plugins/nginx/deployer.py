@@ -105,7 +105,7 @@ class Deployer:
             install.commit()
             self.log.info("target %s: installed %s (no reload)", report.label, report.changed)
             return
-        self._test_reload_verify(target, plan, install, marker, report)
+        self._test_reload_verify(target, plan, install, marker, report, owed=pending)
 
     def _test_reload_verify(
         self,
@@ -114,12 +114,18 @@ class Deployer:
         install: Installation,
         marker: Path,
         report: TargetReport,
+        *,
+        owed: bool,
     ) -> None:
+        """``owed``: an earlier sync installed files nginx has not loaded yet; the mark must
+        outlive a failure here, or the next sync, finding the files in place, would not
+        reload and nginx would keep serving the old CRL."""
         timeout = self.settings.command_timeout.total_seconds()
         try:
             run_command(target.test_command, timeout, "test command")
         except NginxError as exc:
-            marker.unlink(missing_ok=True)
+            if not owed:
+                marker.unlink(missing_ok=True)
             report.changed = []
             self.log.error(
                 "target %s: nginx refused the new files; putting back the previous ones",
@@ -134,7 +140,8 @@ class Deployer:
         except _ReloadRejected as exc:
             # nginx kept its old configuration: put the old files back, so that what is on
             # disk is what runs, and a restart does not meet files nginx cannot load.
-            marker.unlink(missing_ok=True)
+            if not owed:
+                marker.unlink(missing_ok=True)
             report.changed, report.reloaded = [], False
             raise _rolled_back(
                 install, f"nginx rejected the reload: {exc}; previous files put back"
