@@ -411,9 +411,7 @@ def _mobileconfig(
     return build_mobileconfig(identity, password, options, signer)
 
 
-def _delivery_settings(
-    app: App, name: str
-) -> tuple[str, DeliverySettings, Device | None] | None:
+def _delivery_settings(app: App, name: str) -> tuple[str, DeliverySettings, Device | None] | None:
     """The enabled delivery plugin that would send ``name``'s profile, with its settings:
     the MDM for a device with an ``mdm_id``, else email, else whichever is enabled."""
     config = app.config(required=False)
