@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 DEBIAN_PACKAGES := easy-rsa openssl nginx nftables curl iproute2 chromium systemd linux-libc-dev
 STAMP := $(VENV)/.installed
 
+PROMTOOL := build/tools/promtool
+
 .PHONY: run test lint typecheck unit bench clean system-deps
 
 $(STAMP): pyproject.toml
@@ -31,6 +33,23 @@ system-deps:
 	    echo "missing Debian packages:$$missing (run as root to install them; tests needing them are skipped)"; \
 	  fi; \
 	fi
+
+# promtool (tests/test_alerts.py, tests/test_metrics.py) comes out of Debian's prometheus package
+# without installing it: installing would also set up, and maybe start, a Prometheus server.
+system-deps: $(PROMTOOL)
+$(PROMTOOL):
+	@tmp=build/prometheus-deb; rm -rf $$tmp && mkdir -p $$tmp $(@D); \
+	fetch() { (cd $$tmp && apt-get download -qq prometheus) >$$tmp/apt.log 2>&1; }; \
+	if fetch || { [ "$$(id -u)" = 0 ] && apt-get update -qq && fetch; }; then \
+	  dpkg-deb --fsys-tarfile $$tmp/prometheus_*.deb | tar -x -C $$tmp ./usr/bin/promtool \
+	    && mv $$tmp/usr/bin/promtool $@ \
+	    && echo "promtool: extracted from $$(basename $$tmp/prometheus_*.deb) into $@"; \
+	  status=$$?; \
+	else \
+	  echo "missing promtool: cannot download Debian's prometheus package ($$(grep -m1 '^E:' $$tmp/apt.log || echo 'apt-get download failed'); run as root to fetch it; tests needing it are skipped)"; \
+	  status=0; \
+	fi; \
+	rm -rf $$tmp; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

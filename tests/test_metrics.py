@@ -21,6 +21,7 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+from test_alerts import promtool
 
 from certwarden.config import MetricsSettings, parse_config
 from certwarden.dispatch import PluginHost
@@ -80,12 +81,17 @@ def free_port() -> int:
 Samples = dict[str, list[Sample]]
 
 
+def scrape_text(port: int) -> str:
+    """/metrics as served (Prometheus's text format)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text: str = response.read().decode()
+    return text
+
+
 def scrape(port: int) -> Samples:
     """Every sample of /metrics by sample name (a counter's name ends with _total)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
     samples: Samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(scrape_text(port)):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample)
     return samples
@@ -207,6 +213,18 @@ def test_the_endpoint_reports_the_pki_the_crl_and_deliveries_as_they_are(
     reconciled = value(samples, "certwarden_last_reconcile_timestamp_seconds")
     assert reconciled <= time.time()
     assert value(samples, "certwarden_pki_up") == 1
+
+
+def test_promtool_finds_no_lint_problem_in_what_the_endpoint_serves(
+    daemon_site: tuple[DaemonProcess, Path, int, dict[str, str]],
+) -> None:
+    _, _, port, _ = daemon_site
+    # With a failed delivery and the plugin's own samples: every kind of family is served.
+    wait_until(lambda: value(scrape(port), "certwarden_deliveries_failing", plugin="deployer") >= 1)
+
+    result = promtool("check", "metrics", stdin=scrape_text(port))
+
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
 def test_a_renewed_certificate_s_old_serial_disappears_from_the_metrics(
