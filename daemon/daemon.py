@@ -9,6 +9,7 @@ delivery worker (see :mod:`certwarden.dispatch`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -211,9 +212,13 @@ class Daemon:
         outlook = self.engine.reconcile()
         # Deliveries left open by the last run (failed, or cut short by a crash) go first.
         self.dispatcher.enqueue_open(due_only=False)
+        self._sync_plugins()
         certificates, crl = self.engine.current_infos()
-        self.dispatcher.call_lifecycle(
-            "certwarden_daemon_started", certificates=certificates, crl=crl
+        self._log_failures(
+            "daemon_started",
+            self.dispatcher.call_lifecycle(
+                "certwarden_daemon_started", certificates=certificates, crl=crl
+            ),
         )
         self.scheduler.start()
         self._schedule_periodic()
@@ -253,7 +258,9 @@ class Daemon:
         timeout = self.config.daemon.shutdown_timeout.total_seconds()
         if not self.dispatcher.stop(timeout):
             log.warning("deliveries still running after %g s; they will be retried", timeout)
-        self.dispatcher.call_lifecycle("certwarden_daemon_stopping")
+        self._log_failures(
+            "daemon_stopping", self.dispatcher.call_lifecycle("certwarden_daemon_stopping")
+        )
         self.metrics.stop()
         self.state.close()
         self.instance.release()
@@ -297,6 +304,7 @@ class Daemon:
         self.metrics.apply(config.metrics)
         self._schedule_periodic()
         self._submit("reconcile", self.engine.reconcile)
+        self._submit("sync", self._sync_plugins)  # the plugins' new settings take effect
         self.notifier.ready(self._status)
         log.info("configuration reloaded")
 
@@ -376,6 +384,45 @@ class Daemon:
             id="retry",
             replace_existing=True,
         )
+
+    # ---- plugins' sync -------------------------------------------------------------------------
+
+    def _sync_plugins(self, only: tuple[str, ...] | None = None, attempt: int = 1) -> None:
+        """Call certwarden_sync (on the plugins ``only``); retry each failure with backoff.
+
+        A failed sync is not a delivery (there is no event to record): it is retried in
+        memory, and a restart or a reload syncs every plugin anyway.
+        """
+        if only is None:  # a full sync replaces the retries still planned
+            for job in self.scheduler.get_jobs():
+                if job.id.startswith("sync-"):
+                    job.remove()
+        certificates, crl = self.engine.current_infos()
+        failed = self.dispatcher.call_lifecycle(
+            "certwarden_sync", only=only, certificates=certificates, crl=crl
+        )
+        for plugin in only or ():
+            if plugin not in failed:
+                log.info("plugin %s: sync succeeded (attempt %d)", plugin, attempt)
+        for plugin, error in failed.items():
+            delay = self.dispatcher.retry.delay(attempt)
+            log.error(
+                "plugin %s: sync failed (attempt %d, retry in %s): %s",
+                plugin,
+                attempt,
+                timedelta(seconds=round(delay)),
+                error,
+            )
+            self._submit(
+                f"sync-{plugin}",
+                functools.partial(self._sync_plugins, (plugin,), attempt + 1),
+                datetime.now(UTC) + timedelta(seconds=delay),
+            )
+
+    @staticmethod
+    def _log_failures(hook: str, failed: dict[str, str]) -> None:
+        for plugin, error in failed.items():
+            log.error("plugin %s: %s failed: %s", plugin, hook, error)
 
     def _on_pki_change(self, path: str) -> None:
         # Called for every inotify event: a dozen per easy-rsa command, 15 per certificate in

@@ -13,7 +13,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -135,15 +135,24 @@ class PluginHost:
         subscribed = self.subscriptions.get(plugin)
         return plugin in self.enabled and (subscribed is None or kind.value in subscribed)
 
-    def call_lifecycle(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a non-delivery hook on every enabled plugin, each on its own."""
+    def call_lifecycle(
+        self, hook_name: str, *, only: Collection[str] | None = None, **kwargs: Any
+    ) -> dict[str, str]:
+        """Call a non-delivery hook on every enabled plugin (of ``only``), each on its own.
+
+        Returns the error of each plugin whose call failed; the caller logs it.
+        """
+        failed: dict[str, str] = {}
         for name, function in self.plugins.implementations(hook_name):
-            if name not in self.enabled:
+            if name not in self.enabled or (only is not None and name not in only):
                 continue
             try:
                 call_with_timeout(function, kwargs, self.hook_timeout)
             except Exception as exc:
-                log.error("plugin %s: %s failed: %s", name, hook_name, describe_error(exc))
+                failed[name] = describe_error(exc)
+                if not isinstance(exc, (CertwardenError, CallTimeout)):
+                    log.debug("plugin %s traceback", name, exc_info=exc)
+        return failed
 
     def health(self) -> list[HealthProblem]:
         problems: list[HealthProblem] = []

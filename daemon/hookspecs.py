@@ -109,13 +109,28 @@ def certwarden_configure(context: PluginContext) -> None:
 
 
 @hookspec
+def certwarden_sync(certificates: tuple[CertificateInfo, ...], crl: CRLInfo | None) -> None:
+    """Bring what the plugin manages in line with the PKI and the configuration (nginx's
+    files, the firewall's sets): called after the first reconcile, before READY=1, and after
+    every configuration reload.
+
+    ``certificates`` are the current valid certificates (one per name), ``crl`` the CRL on
+    disk. Raising means the world is not in line: the daemon calls it again with backoff
+    (``retry_initial`` doubling up to ``retry_max``) until it succeeds, with what is current
+    then; events keep being delivered meanwhile. Must be idempotent.
+    """
+
+
+@hookspec
 def certwarden_daemon_started(
     certificates: tuple[CertificateInfo, ...], crl: CRLInfo | None
 ) -> None:
-    """Called once after the first reconcile, before READY=1 is sent to systemd.
+    """Called once after the first reconcile and ``certwarden_sync``, before READY=1 is sent
+    to systemd.
 
     ``certificates`` are the current valid certificates (one per name), ``crl`` the CRL on
-    disk. Use it to bring the world in line with the PKI (firewall sets, nginx files).
+    disk. To bring the world in line with the PKI, implement ``certwarden_sync``, which is
+    retried when it fails; an error here is only logged.
     """
 
 

@@ -959,25 +959,19 @@ class Plugin:
 
     @hookimpl
     def certwarden_configure(self, context: PluginContext) -> None:
-        reloaded = self.context is not None
         self.context = context
         self.firewall = Firewall.from_context(context, self._lock)
-        if reloaded:
-            # Raising here would disable the plugin until the next reload; the table stays as
-            # it was, health reports the failure, and the next event tries again.
-            try:
-                self._apply()
-            except CertwardenError as exc:
-                context.log.error("firewall: not updated after the reload: %s", exc)
 
     def _apply(self) -> None:
         assert self.firewall is not None, "configure() runs before any other hook"
         self.firewall.apply()
 
     @hookimpl
-    def certwarden_daemon_started(
+    def certwarden_sync(
         self, certificates: tuple[CertificateInfo, ...], crl: CRLInfo | None
     ) -> None:
+        # At start-up and after a reload; a failure leaves the table as it was, health
+        # reports it, and the daemon tries again with backoff.
         self._apply()
 
     @hookimpl

@@ -550,6 +550,53 @@ def test_failed_deliveries_are_retried_with_backoff_and_after_a_restart(
     assert sorted(delivered.read_text().split()) == ["ca_changed", "crl_published"]
 
 
+SYNCING = """\
+    from pathlib import Path
+
+    from certwarden.hookspecs import hookimpl
+
+    MARKER = Path({marker!r})
+    CALLS = Path({calls!r})
+
+
+    @hookimpl
+    def certwarden_sync(certificates, crl):
+        with CALLS.open("a") as out:
+            out.write(f"{{len(certificates)}} {{crl is not None}}\\n")
+        if not MARKER.exists():
+            raise RuntimeError("the firewall is not reachable")
+    """
+
+
+def test_a_failed_sync_is_retried_with_backoff_and_a_reload_syncs_again(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    marker, calls = site.root / "reachable", site.root / "sync-calls.txt"
+    syncing = plugin_file(
+        site.root, "syncing", SYNCING.format(marker=str(marker), calls=str(calls))
+    )
+    site.pki.issue("alice", "bob")
+    site.configure(
+        daemon={"plugin_files": [str(syncing)], "retry_initial": "1s", "retry_max": "2s"},
+        plugins={"syncing": {"enabled": True}},
+    )
+    daemon = certwarden_daemon_factory(site.config)  # READY=1 although the sync failed
+
+    daemon.wait_for_log("plugin syncing: sync failed (attempt 2, retry in 0:00:02)")
+    assert "the firewall is not reachable" in daemon.log()
+    marker.touch()
+    daemon.wait_for_log("plugin syncing: sync succeeded (attempt ")
+    made = len(calls.read_text().splitlines())
+    assert made >= 3
+    assert set(calls.read_text().splitlines()) == {"2 True"}  # both certificates, the CRL
+
+    after = len(daemon.log())
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("configuration reloaded", after=after)
+    wait_until(lambda: len(calls.read_text().splitlines()) == made + 1)
+    assert "sync failed" not in daemon.log()[after:]
+
+
 def test_an_operator_retries_a_fixed_delivery_now_and_drops_a_hopeless_one(
     site: Site, certwarden_daemon_factory: StartDaemon
 ) -> None:

@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Iterator
 from dataclasses import replace
@@ -151,7 +150,7 @@ class Setup:
         self.config: Config | None = None
 
     def configure(self, devices: list[dict[str, Any]], **values: Any) -> Plugin:
-        """Configure (first time: start-up; then: a reload, which re-applies)."""
+        """Give the plugin its configuration, as at start-up and at the start of a reload."""
         self.config = parse_config(
             {
                 "pki": {"dir": str(self.pki.root)},
@@ -183,8 +182,9 @@ class Setup:
         )
 
     def start(self, devices: list[dict[str, Any]], **values: Any) -> Plugin:
+        """Configure and sync, as the daemon does at start-up and on a reload (SIGHUP)."""
         plugin = self.configure(devices, **values)
-        plugin.certwarden_daemon_started(certificates=(), crl=None)
+        plugin.certwarden_sync(certificates=(), crl=None)
         return plugin
 
     @property
@@ -290,7 +290,7 @@ def test_element_whose_timeout_passes_is_refused(setup: Setup) -> None:
 def test_config_reload_applies_changed_devices(setup: Setup) -> None:
     setup.pki.issue("alice")
     setup.start([device("alice", "127.0.0.2")])
-    setup.configure([device("alice", "127.0.0.6")])  # a reload: configure again
+    setup.start([device("alice", "127.0.0.6")])  # a reload: configure and sync again
     assert setup.connect("127.0.0.6") == CONNECTED
     assert setup.connect("127.0.0.2") == REFUSED
 
@@ -323,33 +323,23 @@ def test_failing_batch_leaves_the_previous_state_in_place(
     assert plugin.certwarden_health() == []
 
 
-def test_batch_the_kernel_refuses_changes_nothing(setup: Setup, tmp_path: Path) -> None:
+def test_batch_the_kernel_refuses_changes_nothing(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
     setup.pki.issue("alice")
-    setup.start([device("alice", "127.0.0.2"), device("bob", "127.0.0.3")])
+    plugin = setup.start([device("alice", "127.0.0.2"), device("bob", "127.0.0.3")])
     before = listing(setup.ns)
-    # nft that validates a batch against the kernel (-c), then fails as a refusing kernel
-    # would: the batch is right, so only atomicity can keep the table as it was.
-    wrapper = tmp_path / "failing-nft"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'for arg in "$@"; do\n'
-        '  if [ "$arg" = "-f" ]; then\n'
-        '    "$@" -c || exit 2\n'
-        '    echo "Error: Could not process rule: injected failure" >&2\n'
-        "    exit 1\n"
-        "  fi\n"
-        "done\n"
-        'exec "$@"\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     setup.pki.issue("bob")
-    plugin = setup.configure(
-        [device("alice", "127.0.0.2"), device("bob", "127.0.0.3")],
-        nft=[str(wrapper), *setup.ns.prefix, "nft"],
-    )  # the reload's apply fails too: logged, not raised
-    with pytest.raises(FirewallError, match="injected failure"):
+    # nft parses a jump to a chain that does not exist; the kernel refuses it in the middle
+    # of the transaction, after the batch has deleted the table: only atomicity keeps it.
+    original = firewall.chain_rules
+    monkeypatch.setattr(
+        firewall, "chain_rules", lambda ruleset: [*original(ruleset), "jump no_such_chain"]
+    )
+    with pytest.raises(FirewallError, match="No such file or directory"):
         plugin.certwarden_issued(CertificateIssued(cert=info(setup.pki, "bob")))
     assert listing(setup.ns) == before
+    assert setup.connect("127.0.0.2") == CONNECTED
     assert setup.connect("127.0.0.3") == REFUSED
 
 
@@ -400,8 +390,8 @@ def test_other_tables_are_untouched(setup: Setup) -> None:
     setup.start(devices)
     setup.pki.ca.revoke("alice")
     setup.firewall.apply()
-    setup.configure(devices, hooks=["input", "forward"], priority=-10, action="drop")
-    setup.configure(devices, table="inet certwarden_renamed")
+    setup.start(devices, hooks=["input", "forward"], priority=-10, action="drop")
+    setup.start(devices, table="inet certwarden_renamed")
     assert {name: listing(setup.ns, name) for name in others} == others
     tables = setup.ns.nft("list", "tables")
     assert "table inet certwarden_renamed" in tables
@@ -412,11 +402,11 @@ def test_changed_settings_rebuild_the_table(setup: Setup) -> None:
     setup.pki.issue("alice")
     devices = [device("alice", "127.0.0.2")]
     setup.start(devices)
-    setup.configure(devices, hooks=["input", "forward"], priority=-10, protocols=["tcp", "udp"])
+    setup.start(devices, hooks=["input", "forward"], priority=-10, protocols=["tcp", "udp"])
     live = setup.ns.nft("-y", "-t", "list", "table", *TABLE.split())
     assert "chain forward" in live and "priority -10;" in live
     assert "udp dport 8443 reject with icmpx admin-prohibited" in live
-    setup.configure(devices)
+    setup.start(devices)
     live = setup.ns.nft("-y", "-t", "list", "table", *TABLE.split())
     assert "chain forward" not in live and "udp" not in live
 
@@ -535,7 +525,7 @@ def test_daemon_applies_rules_at_start_and_shuts_out_a_revoked_device(
     config = _config_file(tmp_path, pki, ns)
     daemon = DaemonProcess(config, tmp_path)
     try:
-        daemon.start()  # READY=1 comes after certwarden_daemon_started
+        daemon.start()  # READY=1 comes after certwarden_sync
         assert ns.connect("127.0.0.2", SERVER_V4, PORT) == CONNECTED
         assert ns.connect("127.0.0.3", SERVER_V4, PORT) == CONNECTED
         assert ns.connect("127.0.0.4", SERVER_V4, PORT) == REFUSED
@@ -552,7 +542,7 @@ def test_firewall_is_a_builtin_plugin() -> None:
     hooks = plugins.hooks_of("firewall")
     for hook in (
         "certwarden_configure",
-        "certwarden_daemon_started",
+        "certwarden_sync",
         "certwarden_issued",
         "certwarden_renewed",
         "certwarden_revoked",

@@ -53,7 +53,6 @@ class Plugin:
         self.clock = clock
         self.context: PluginContext | None = None
         self._lock = threading.Lock()
-        self._started = False
         self._stop = threading.Event()
         self._guard: threading.Thread | None = None
 
@@ -101,12 +100,6 @@ class Plugin:
         with contextlib.suppress(CertwardenError, OSError):
             write_atomic(context.state_dir / STATUS_FILE, json.dumps(record).encode(), 0o600)
 
-    def _sync_logged(self) -> None:
-        try:
-            self.sync()
-        except NginxError as exc:
-            self._log().error("deployment failed: %s", exc)
-
     def _log(self) -> logging.Logger:
         assert self.context is not None
         return self.context.log
@@ -123,26 +116,23 @@ class Plugin:
     @hookimpl
     def certwarden_configure(self, context: PluginContext) -> None:
         self.context = context
-        if self._started:
-            # A configuration reload (SIGHUP) may name new files or fresh extra CRLs: apply
-            # them now, off the main thread, which must answer systemd.
-            threading.Thread(target=self._sync_logged, name="nginx-sync", daemon=True).start()
+
+    @hookimpl
+    def certwarden_sync(
+        self, certificates: tuple[CertificateInfo, ...], crl: CRLInfo | None
+    ) -> None:
+        # At start-up, and after a reload, which may name new files or fresh extra CRLs.
+        self.sync()
 
     @hookimpl
     def certwarden_daemon_started(
         self, certificates: tuple[CertificateInfo, ...], crl: CRLInfo | None
     ) -> None:
-        self._started = True
+        # After the first sync, so that a CRL this start is about to replace is not reported
+        # as stale.
         self._stop.clear()
-        try:
-            self.sync()
-        finally:
-            # After the first sync, so that a CRL this start is about to replace is not
-            # reported as stale.
-            self._guard = threading.Thread(
-                target=self._guard_loop, name="nginx-crl-guard", daemon=True
-            )
-            self._guard.start()
+        self._guard = threading.Thread(target=self._guard_loop, name="nginx-crl-guard", daemon=True)
+        self._guard.start()
 
     @hookimpl
     def certwarden_daemon_stopping(self) -> None:
