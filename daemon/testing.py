@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -289,16 +289,20 @@ def require_tool(name: str, *candidates: Path) -> str:
     Skips the test when it is missing, but fails it when $CI is set: a CI run must never
     pass by skipping the integration tests it exists to run.
     """
-    found = shutil.which(name)
-    if found is not None:
-        return found
-    for candidate in candidates:
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    message = f"{name}: not installed (the Makefile's system-deps target installs it)"
+    found = shutil.which(name) or next(
+        (str(candidate) for candidate in candidates if os.access(candidate, os.X_OK)), None
+    )
+    if found is None:
+        unavailable(f"{name}: not installed (the Makefile's system-deps target installs it)")
+    return found
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``, but fail it when $CI is set: a CI run must never pass by
+    skipping the integration tests it exists to run (.ci/run sets CI)."""
     if os.environ.get("CI"):
-        pytest.fail(f"{message}; CI must run every test, so this is a failure", pytrace=False)
-    pytest.skip(message)
+        pytest.fail(f"{reason}; CI must run every test, so this is a failure", pytrace=False)
+    pytest.skip(reason)
 
 
 def wait_until(

@@ -51,7 +51,14 @@ from certwarden.plugins.firewall import (
     render_structure,
     sanitise_comment,
 )
-from certwarden.testing import DaemonProcess, TestPKI, make_pki, wait_until, write_config
+from certwarden.testing import (
+    DaemonProcess,
+    TestPKI,
+    make_pki,
+    unavailable,
+    wait_until,
+    write_config,
+)
 
 PORT = 8443
 OTHER_PORT = 9443  # not guarded: shows the plugin leaves other traffic alone
@@ -561,7 +568,7 @@ def test_user_namespace_path_works(tmp_path: Path) -> None:
     try:
         namespace = netns._user_namespace()
     except netns.NamespaceUnavailable as error:
-        pytest.skip(str(error))
+        unavailable(str(error))
     try:
         namespace.run("ip", "link", "set", "lo", "up")
         namespace.add_address("127.0.0.2")

@@ -34,6 +34,7 @@ from certwarden.pki.ca import CertificateAuthority, IssueRequest
 from certwarden.pki.index import format_date, format_serial, parse_index
 from certwarden.pki.model import Profile, Reason, Status
 from certwarden.pki.store import PKIStore, index_line
+from certwarden.testing import unavailable
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -675,12 +676,12 @@ def tmpfs(where: Path, size: int) -> Iterator[Path]:
 @pytest.fixture
 def can_mount_tmpfs(tmp_path: Path) -> None:
     if os.geteuid() != 0:
-        pytest.skip("simulating a full disk needs root to mount a tmpfs")
+        unavailable("simulating a full disk needs root to mount a tmpfs")
     try:
         with tmpfs(tmp_path / "probe", 64 * 1024):
             pass
     except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here ({exc}); the full-disk test needs one")
+        unavailable(f"cannot mount a tmpfs here ({exc}); the full-disk test needs one")
 
 
 def fill(filesystem: Path, leave_free: int, page: int) -> Path:
