@@ -51,7 +51,7 @@ from certwarden.config import (
     read_secret,
 )
 from certwarden.errors import CertwardenError
-from certwarden.events import CertificateInfo, CertificateIssued, CertificateRenewed
+from certwarden.events import CertificateInfo, CertificateIssued, CertificateRenewed, CRLInfo
 from certwarden.hookspecs import PluginContext, hookimpl
 from certwarden.pki.export import generate_password
 from certwarden.plugins.bundles import (
@@ -304,6 +304,26 @@ class Plugin:
         warn_if_timeout_too_long(context, self.settings.timeout)
 
     @hookimpl
+    def certwarden_sync(
+        self, certificates: tuple[CertificateInfo, ...], crl: CRLInfo | None
+    ) -> None:
+        """Forget the passwords of bundles whose password will never be delivered: the
+        certificate was renewed again, revoked or has expired, or the device is gone."""
+        assert self.context is not None
+        current = {cert.name: cert.serial for cert in certificates}
+        for path in sorted((self.context.state_dir / "pending").glob("*.json")):
+            name, record = path.stem, _read_pending(path)
+            serial = record["serial"] if record else "unknown"
+            if current.get(name) == serial and self.context.device(name) is not None:
+                continue
+            path.unlink(missing_ok=True)
+            self.context.log.info(
+                "email: forgot the undelivered password of %s serial %s: no longer current",
+                name,
+                serial,
+            )
+
+    @hookimpl
     def certwarden_issued(self, event: CertificateIssued) -> None:
         self._deliver(event.cert, None)
 
@@ -324,6 +344,8 @@ class Plugin:
             log.info(
                 "email: %s serial %s was revoked since; not sending it", cert.name, cert.serial
             )
+            if self._pending(cert) is not None:  # its password must never go out now
+                self._pending_path(cert.name).unlink(missing_ok=True)
             return
         settings = self.settings
         if device.mdm_id is not None and not settings.include_mdm_devices:
@@ -512,16 +534,13 @@ class Plugin:
     def _pending(self, cert: CertificateInfo) -> tuple[str, str] | None:
         """(password, attachment name) of ``cert``'s bundle if it went out already."""
         path = self._pending_path(cert.name)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        record = _read_pending(path)
+        if record is None:
+            path.unlink(missing_ok=True)  # a damaged record: a new bundle goes out
             return None
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)
-            return None
-        if not isinstance(data, dict) or data.get("serial") != cert.serial:
+        if record["serial"] != cert.serial:
             return None  # left by an older certificate of the name: a new bundle goes out
-        return str(data["password"]), str(data["attachment"])
+        return record["password"], record["attachment"]
 
     def _keep_pending(self, cert: CertificateInfo, password: str, attachment: str) -> None:
         path = self._pending_path(cert.name)
@@ -586,3 +605,16 @@ class Plugin:
             ) from None
         if refused:
             raise EmailFailed(f"{where}: recipient refused: {', '.join(refused)}")
+
+
+def _read_pending(path: Path) -> dict[str, str] | None:
+    """A pending-password record (serial, password, attachment); None when the file is
+    missing, unreadable or not such a record."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("serial", "password", "attachment")
+    if not isinstance(data, dict) or not all(isinstance(data.get(key), str) for key in keys):
+        return None
+    return {key: data[key] for key in keys}

@@ -309,6 +309,37 @@ def test_password_command_gets_the_password_on_stdin_and_a_retry_resends_only_th
     assert not pending.exists()
 
 
+def test_a_password_nobody_will_deliver_is_forgotten_at_the_next_sync(
+    tmp_path: Path, pki: PKI, tls: TestTLS, smtp: SMTPServer
+) -> None:
+    # The bundles went out, their passwords did not (the gateway is down). Then alice's
+    # certificate is revoked and bob's device leaves [[devices]]: neither password may wait
+    # on disk any longer. carol's still may.
+    settings = email_settings(
+        smtp, tls, tmp_path, password_delivery="command", password_command=["false"]
+    )
+    del settings["password_to"]
+    names = ["alice-phone", "bob-pc", "carol-pc"]
+    plugin, context = configure(
+        tmp_path, pki, settings, [device(names[0]), device(names[1], "windows"),
+                                   device(names[2], "linux")]
+    )  # fmt: skip
+    for name in names:
+        with pytest.raises(EmailFailed, match="password_command false: exited with 1"):
+            plugin.certwarden_issued(event=issued(pki, name))
+    folder = context.state_dir / "pending"
+    assert sorted(p.stem for p in folder.iterdir()) == names
+
+    pki.ca.revoke("alice-phone")
+    plugin, context = configure(
+        tmp_path, pki, settings, [device(names[0]), device(names[2], "linux")]
+    )
+    current = tuple(info(pki, name) for name in names[1:])  # alice's is revoked
+    plugin.certwarden_sync(certificates=current, crl=None)
+
+    assert [p.stem for p in folder.iterdir()] == ["carol-pc"]
+
+
 def test_password_none_keeps_it_for_the_operator_only(
     tmp_path: Path, pki: PKI, tls: TestTLS, smtp: SMTPServer
 ) -> None:
