@@ -335,7 +335,7 @@ def _certificate_families(report: StatusReport) -> Iterator[Metric]:
 def _crl_families(report: StatusReport) -> Iterator[Metric]:
     crl = report.crl
     if crl is None:
-        return  # absent(certwarden_crl_next_update_timestamp_seconds) alerts on it
+        return  # no CRL series: CertwardenCRLMissing (docs/alerts.yml) alerts on that
     yield GaugeMetricFamily(
         "certwarden_crl_last_update_timestamp_seconds",
         "lastUpdate of crl.pem.",
