@@ -12,7 +12,15 @@ PROMTOOL := build/tools/promtool
 
 .PHONY: run test lint typecheck unit bench clean system-deps
 
+# Debian's python3 makes virtual environments only with python3-venv (ensurepip) installed.
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian package python3-venv"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null; \
+	  else \
+	    echo "python3-venv is missing: run as root (sudo apt-get install python3-venv)"; exit 1; \
+	  fi; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
