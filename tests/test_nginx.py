@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import grp
 import json
+import os
+import pwd
+import re
 import shutil
 import signal
 import stat
@@ -161,6 +164,18 @@ class Site:
         ]
         return deliveries
 
+    def failed_deliveries(self, event: str) -> list[dict[str, Any]]:
+        return [
+            d for d in self.open_deliveries() if d["status"] == "failed" and d["event"] == event
+        ]
+
+    def installed(self) -> dict[Path, bytes]:
+        """The content of every file the plugin installs, by path."""
+        return {
+            path: path.read_bytes()
+            for path in (self.ca_bundle, self.crl, self.server_cert, self.server_key)
+        }
+
     def plugin(self, clock: Any = None) -> Plugin:
         """The plugin configured in this process, as the daemon configures it."""
         config, plugins = load_config_and_plugins(self.config)
@@ -243,7 +258,10 @@ def test_snippet_included_by_nginx_lets_a_client_of_the_pki_in(make_site: Any) -
 
 
 def test_deploy_installs_files_with_owner_and_modes(make_site: Any) -> None:
-    site = make_site(target_options={"group": "nogroup", "mode": "0640", "key_mode": "0640"})
+    # The tests run as root, so certwarden's own user would pass unnoticed: nobody is not it.
+    site = make_site(
+        target_options={"owner": "nobody", "group": "nogroup", "mode": "0640", "key_mode": "0640"}
+    )
     ca = site.pki.store.ca_certificate()
     assert x509.load_pem_x509_certificates(site.ca_bundle.read_bytes()) == [ca]
     assert x509.load_pem_x509_crl(site.crl.read_bytes()) == site.pki.store.current_crl()
@@ -253,7 +271,7 @@ def test_deploy_installs_files_with_owner_and_modes(make_site: Any) -> None:
     for path in (site.ca_bundle, site.crl, site.server_cert, site.server_key):
         info = path.stat()
         assert stat.S_IMODE(info.st_mode) == 0o640, path
-        assert info.st_gid == _gid("nogroup"), path
+        assert (info.st_uid, info.st_gid) == (_uid("nobody"), _gid("nogroup")), path
     # Nothing left behind: no staged or backup files beside the installed ones.
     assert sorted(p.name for p in site.deploy.iterdir()) == [
         "ca.pem",
@@ -261,6 +279,29 @@ def test_deploy_installs_files_with_owner_and_modes(make_site: Any) -> None:
         "server.crt",
         "server.key",
     ]
+
+
+def test_owner_and_mode_changed_in_the_settings_are_fixed_in_place_without_a_reload(
+    make_site: Any,
+) -> None:
+    site = make_site()
+    before = site.installed()
+    assert {path.stat().st_uid for path in before} == {os.geteuid()}  # certwarden's own
+    site.target_options = {"owner": str(_uid("nobody")), "mode": "0640"}
+    site.write_config()
+
+    [report] = site.plugin().sync()
+    assert report.changed == [] and not report.reloaded
+    assert site.installed() == before
+    for path in before:
+        info = path.stat()
+        assert info.st_uid == _uid("nobody"), path
+        assert stat.S_IMODE(info.st_mode) == (0o600 if path == site.server_key else 0o640), path
+    assert site.nginx.reloads() == 0
+
+
+def _uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
 
 
 def _gid(name: str) -> int:
@@ -364,13 +405,7 @@ def test_nginx_config_error_keeps_previous_files_is_recorded_and_retried(make_si
     site.nginx.break_config()
     assert site.cli("revoke", "alice").returncode == 0
 
-    def failure_recorded() -> bool:
-        return any(
-            d["status"] == "failed" and d["event"] == "crl_published"
-            for d in site.open_deliveries()
-        )
-
-    wait_until(failure_recorded, timeout=10)
+    wait_until(lambda: bool(site.failed_deliveries("crl_published")), timeout=10)
     failed = [d for d in site.open_deliveries() if d["status"] == "failed"]
     assert any("[emerg] unknown directive" in d["last_error"] for d in failed), failed
     assert all(d["plugin"] == "nginx" for d in failed)
@@ -524,6 +559,55 @@ def test_probe_confirms_the_status_and_the_server_serial(make_site: Any) -> None
         site.plugin().sync()
 
 
+def test_probe_fails_when_nginx_presents_another_serial_and_nothing_is_rolled_back(
+    make_site: Any,
+) -> None:
+    # The target installs the server certificate where this nginx does not read it (a stale
+    # ssl_certificate path): after a renewal nginx still presents the old serial.
+    site = make_site(clients=("alice", "probe"))
+    alice = site.client("alice")
+    old = _server_serial(site)
+    elsewhere = site.deploy / "elsewhere.crt"
+    probe = {"address": f"127.0.0.1:{site.nginx.port}", "certificate": "probe"}
+    site.target_options = {
+        "server_certificates": [
+            {"name": SERVER, "cert": elsewhere, "key": site.deploy / "elsewhere.key"}
+        ],
+        "probe": probe,
+    }
+    site.write_config()
+    site.pki.ca.renew([SERVER])
+    site.pki.ca.revoke("alice")
+    site.pki.ca.generate_crl(timedelta(days=7))
+    new = _server_serial(site)
+    assert new != old
+
+    with pytest.raises(NginxError, match=f"the server presents serial {old}, not {SERVER}'s {new}"):
+        site.plugin().sync()
+    # No rollback: the new CRL and server files stay, or alice would get in again.
+    assert site.crl.read_bytes() == site.pki.store.crl_pem_path.read_bytes()
+    installed = x509.load_pem_x509_certificates(elsewhere.read_bytes())[0]
+    assert format_serial(installed.serial_number) == new
+    assert not [p for p in site.deploy.iterdir() if p.name.startswith(".")]  # no backups
+    assert site.nginx.reloads() == 1
+    assert site.status(alice) == 400
+    _, presented = https_request(site.nginx.port, site.client("probe"))
+    assert format_serial(presented.serial_number) == old
+
+    # Installed where nginx reads it, the next sync reloads and the probe sees the new serial.
+    site.target_options = {"probe": probe}
+    site.write_config()
+    [report] = site.plugin().sync()
+    assert report.reloaded and report.changed == [f"certificate {SERVER}", f"key {SERVER}"]
+    _, presented = https_request(site.nginx.port, site.client("probe"))
+    assert format_serial(presented.serial_number) == new
+
+
+def _server_serial(site: Site) -> str:
+    """The serial of the PKI's current server certificate."""
+    return format_serial(site.pki.store.load_cert(site.pki.store.cert_path(SERVER)).serial_number)
+
+
 def test_revoked_probe_certificate_is_reported_and_the_crl_still_deployed(
     make_site: Any,
 ) -> None:
@@ -658,19 +742,26 @@ def make_intermediate_pki(directory: Path) -> tuple[TestPKI, RootCA]:
     return pki, root
 
 
-def test_two_cas_clients_of_both_work_and_revocation_in_either_locks_out(
-    make_site: Any, tmp_path: Path
-) -> None:
-    pki, root = make_intermediate_pki(tmp_path / "two-level")
+def two_level_site(make_site: Any, directory: Path, **options: Any) -> tuple[Site, RootCA]:
+    """A site whose PKI is an intermediate, with the root's certificate and CRL as extra files."""
+    pki, root = make_intermediate_pki(directory)
     site = make_site(
         pki=pki,
         target_options={"extra_ca_files": [root.cert_path], "extra_crl_files": [root.crl_path]},
+        **options,
     )
+    return site, root
+
+
+def test_two_cas_clients_of_both_work_and_revocation_in_either_locks_out(
+    make_site: Any, tmp_path: Path
+) -> None:
+    site, root = two_level_site(make_site, tmp_path / "two-level")
     assert "ssl_verify_depth 2;" in site.nginx.client_conf.read_text()
     chain = x509.load_pem_x509_certificates(site.server_cert.read_bytes())
     assert [c.subject for c in chain] == [
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER)]),
-        pki.store.ca_certificate().subject,
+        site.pki.store.ca_certificate().subject,
     ]
     alice, bob = site.client("alice"), site.client("bob")
     carol = root.issue_client("carol", site.root, site.ca_bundle)  # issued by the root itself
@@ -688,6 +779,110 @@ def test_two_cas_clients_of_both_work_and_revocation_in_either_locks_out(
     site.daemon.signal(signal.SIGHUP)  # a configuration reload deploys the extra files again
     wait_until(lambda: site.status(carol) == 400, timeout=5)
     assert site.status(bob) == 200
+
+
+QUICK_RETRIES = {"daemon": {"retry_initial": "1s", "retry_max": "2s"}}
+
+
+def truncate(path: Path) -> bytes:
+    """Cut ``path`` short, as a failed copy leaves it; its previous content."""
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    return content
+
+
+def trust_files(site: Site) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in (site.ca_bundle, site.crl)}
+
+
+def test_broken_extra_crl_file_keeps_the_previous_files_is_recorded_and_retried(
+    make_site: Any, tmp_path: Path
+) -> None:
+    site, root = two_level_site(make_site, tmp_path / "two-level", config_options=QUICK_RETRIES)
+    alice, bob = site.client("alice"), site.client("bob")
+    site.start_daemon()
+    wait_until(site.deliveries_done, timeout=10)
+    before = trust_files(site)
+
+    good = truncate(root.crl_path)
+    assert site.cli("revoke", "alice").returncode == 0
+    wait_until(lambda: bool(site.failed_deliveries("crl_published")), timeout=10)
+    [failed] = site.failed_deliveries("crl_published")
+    error = (
+        f"target web: CA bundle and CRL not updated: {root.crl_path}: holds no PEM CRL; "
+        "server certificates not updated either: their chain comes from the CA bundle"
+    )
+    assert (failed["plugin"], failed["last_error"]) == ("nginx", error)
+    # The CRL without alice stays, and nginx still lets her in.
+    assert trust_files(site) == before
+    assert site.nginx.reloads() == 0
+    assert site.status(alice) == 200 and site.status(bob) == 200
+    status = site.cli("status")
+    assert status.returncode == 2
+    assert error in status.stdout
+
+    root.crl_path.write_bytes(good)
+    wait_until(lambda: site.status(alice) == 400, timeout=15)  # the retry delivered it
+    wait_until(site.deliveries_done, timeout=10)
+    assert site.status(bob) == 200
+    assert site.cli("status").returncode == 0
+    assert site.daemon is not None
+    attempts = re.findall(r"delivered crl_published .*\(attempt (\d+)\)", site.daemon.log())
+    assert max(map(int, attempts)) >= 2, attempts
+
+
+def test_extra_crl_file_broken_at_start_up_fails_the_sync_which_is_retried(
+    make_site: Any, tmp_path: Path
+) -> None:
+    site, root = two_level_site(make_site, tmp_path / "two-level", config_options=QUICK_RETRIES)
+    alice = site.client("alice")
+    before = trust_files(site)
+    site.pki.ca.revoke("alice")  # while the daemon is stopped
+    site.pki.ca.generate_crl(timedelta(days=7))
+    good = root.crl_path.read_bytes()
+    root.crl_path.write_text("-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n")
+
+    daemon = site.start_daemon()
+    daemon.wait_for_log("plugin nginx: sync failed (attempt 1")
+    assert f"CA bundle and CRL not updated: {root.crl_path}: CRL 1 cannot be read" in daemon.log()
+    assert trust_files(site) == before
+    assert site.status(alice) == 200
+
+    root.crl_path.write_bytes(good)
+    wait_until(lambda: site.status(alice) == 400, timeout=15)
+    daemon.wait_for_log("plugin nginx: sync succeeded")
+    wait_until(site.deliveries_done, timeout=10)
+    assert site.cli("status").returncode == 0
+
+
+def test_a_missing_extra_crl_file_fails_the_deployment_not_every_command(
+    make_site: Any, tmp_path: Path
+) -> None:
+    # The root's CRL is managed elsewhere: while it is being replaced, an operator must still
+    # be able to revoke and to ask for the status.
+    site, root = two_level_site(make_site, tmp_path / "two-level")
+    before = site.installed()
+    root.crl_path.unlink()
+
+    assert site.cli("check-config").returncode == 0
+    assert site.cli("revoke", "alice").returncode == 0
+    with pytest.raises(NginxError, match=rf"extra CRL file {root.crl_path}: does not exist"):
+        site.plugin().sync()
+    assert site.installed() == before
+    assert site.nginx.reloads() == 0
+
+
+def test_broken_extra_crl_file_leaves_the_server_certificate_alone(
+    make_site: Any, tmp_path: Path
+) -> None:
+    site, root = two_level_site(make_site, tmp_path / "two-level")
+    before = site.installed()
+    truncate(root.crl_path)
+    with pytest.raises(NginxError, match="CA bundle and CRL not updated") as failure:
+        site.plugin().sync()
+    assert "server certificates not updated either" in str(failure.value)
+    assert site.installed() == before
+    assert site.nginx.reloads() == 0
 
 
 def test_intermediate_without_its_root_is_refused(make_site: Any, tmp_path: Path) -> None:

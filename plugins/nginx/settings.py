@@ -17,7 +17,6 @@ from certwarden.config import (
     ConfigPath,
     DocHint,
     Duration,
-    ExistingFile,
     NonEmptyString,
     PluginSettings,
 )
@@ -159,15 +158,20 @@ class Target(_Table):
         description="File nginx reads with `ssl_crl`: the PKI's `crl.pem` and "
         "`extra_crl_files`, one CRL per CA of the bundle.",
     )
-    extra_ca_files: tuple[ExistingFile, ...] = Field(
+    # Managed elsewhere, so read at each deployment rather than checked at load: a missing
+    # root CRL must fail the deployment (nginx keeps its files), not every command,
+    # `certwarden revoke` and `status` included.
+    extra_ca_files: tuple[ConfigPath, ...] = Field(
         default=(),
         description="CA certificates managed elsewhere that complete the chain, such as the "
-        "root CA above the PKI's intermediate `ca.crt` (PEM).",
+        "root CA above the PKI's intermediate `ca.crt` (PEM). Read at each deployment; a "
+        "missing or broken one fails it and nginx keeps its files.",
     )
-    extra_crl_files: tuple[ExistingFile, ...] = Field(
+    extra_crl_files: tuple[ConfigPath, ...] = Field(
         default=(),
         description="CRLs of the `extra_ca_files` CAs (PEM). nginx checks a CRL for every CA "
-        "in the chain and rejects every client when one is missing or expired.",
+        "in the chain and rejects every client when one is missing or expired. Read at each "
+        "deployment, like `extra_ca_files`.",
     )
     server_certificates: tuple[ServerCertificate, ...] = Field(
         default=(),

@@ -288,25 +288,30 @@ class Plan:
 
 
 def plan_target(target: Target, store: PKIStore, now: datetime) -> Plan:
-    """Prepare: the desired files of ``target``. Each part (the trust, each server
-    certificate) stands on its own, so one missing certificate never holds up a CRL."""
+    """Prepare: the desired files of ``target``. Each server certificate stands on its own,
+    so one missing certificate never holds up a CRL; without the trust (a broken extra file),
+    nothing is installed: a server certificate's chain and its revocation come from it."""
     plan = Plan()
     try:
         plan.trust = build_trust(target, store, now)
     except NginxError as exc:
         plan.problems.append(f"CA bundle and CRL not updated: {exc}")
-    if plan.trust is not None:
-        plan.files += [
-            WantedFile("ca_bundle", target.ca_bundle, plan.trust.ca_bundle, target.mode),
-            WantedFile("crl", target.crl, plan.trust.crl_bundle, target.mode),
-        ]
+        if target.server_certificates:
+            plan.problems.append(
+                "server certificates not updated either: their chain comes from the CA bundle"
+            )
+        return plan
+    plan.files += [
+        WantedFile("ca_bundle", target.ca_bundle, plan.trust.ca_bundle, target.mode),
+        WantedFile("crl", target.crl, plan.trust.crl_bundle, target.mode),
+    ]
     for server in target.server_certificates:
         try:
             loaded = load_pki_certificate(server.name, store, plan.trust, now)
         except NginxError as exc:
             plan.problems.append(f"server {exc}; the installed one is kept")
             continue
-        chain = plan.trust.chain_above(loaded.cert) if plan.trust is not None else []
+        chain = plan.trust.chain_above(loaded.cert)
         content = b"".join(
             c.public_bytes(serialization.Encoding.PEM) for c in [loaded.cert, *chain]
         )
