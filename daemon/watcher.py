@@ -3,7 +3,7 @@
 Every relevant file event asks for a reconcile after a quiet period (debounce), so one easy-rsa
 command's dozen writes become one reconcile. Noise is filtered out: easy-rsa's temporary session
 folders (8 hex digits), certwarden's temporary files and its own .certwarden/ folder, and the
-lock file. What remains is only ever a reason to look; the reconcile decides what changed.
+lock files. What remains is only ever a reason to look; the reconcile decides what changed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from certwarden.atomicfile import is_temporary
-from certwarden.pki.lock import LOCK_NAME
+from certwarden.pki.lock import BREAK_NAME, LOCK_NAME
 from certwarden.pki.store import META_DIR
 
 log = logging.getLogger("certwarden.watcher")
@@ -33,7 +33,7 @@ def is_noise(root: Path, path: str) -> bool:
         return True
     if not parts:
         return False
-    if parts[0] in (META_DIR, LOCK_NAME) or _EASYRSA_SESSION.fullmatch(parts[0]):
+    if parts[0] in (META_DIR, LOCK_NAME, BREAK_NAME) or _EASYRSA_SESSION.fullmatch(parts[0]):
         return True
     name = parts[-1]
     return is_temporary(name) or name.endswith((".old", ".swp", "~")) or name == ".rand"

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import PKI, Clock
@@ -19,7 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
+from easyrsa import EasyRSA, audit_pki
 
+import certwarden.pki.lock
+import certwarden.pki.store
 from certwarden.atomicfile import TEMP_PREFIX, Move, apply_moves
 from certwarden.errors import (
     AlreadyExists,
@@ -33,7 +37,7 @@ from certwarden.errors import (
 from certwarden.pki.ca import CertificateAuthority, IssueRequest
 from certwarden.pki.index import format_date, format_serial, parse_index
 from certwarden.pki.model import Profile, Reason, Status
-from certwarden.pki.store import PKIStore, index_line
+from certwarden.pki.store import PKIStore, index_line, upserted_index
 from certwarden.testing import unavailable
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -656,6 +660,124 @@ def test_the_lock_is_released_after_a_failed_write(pki: PKI) -> None:
     assert not (pki.root / "lock.file").exists()
 
 
+def test_a_lock_of_a_process_started_after_it_was_written_is_stale(pki: PKI, sleeper: int) -> None:
+    # After a reboot (or a container restart) the PID in a leftover lock may be a new,
+    # unrelated process: it started after the lock was written, so it cannot be the holder.
+    lock = pki.root / "lock.file"
+    lock.write_text(f"{sleeper}\n")
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    with PKIStore(pki.root, lock_timeout=0.2).writing():
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert not lock.exists()
+
+
+def test_a_lock_of_an_exited_process_not_yet_reaped_is_stale(pki: PKI) -> None:
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, exited.pid, os.WEXITED | os.WNOWAIT)  # a zombie until wait()
+        (pki.root / "lock.file").write_text(f"{exited.pid}\n")
+        ca = CertificateAuthority(PKIStore(pki.root, lock_timeout=0.2), pki.clock)
+        ca.issue([IssueRequest("alice")])
+    finally:
+        exited.wait()
+    assert not (pki.root / "lock.file").exists()
+
+
+def test_a_stale_lock_replaced_while_it_is_judged_is_left_to_its_new_holder(
+    pki: PKI, sleeper: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = pki.root / "lock.file"
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    lock.write_text(f"{finished.pid}\n")
+    real_could_hold = certwarden.pki.lock._could_hold
+    judged: list[int] = []
+
+    def could_hold(pid: int, written_at: float) -> bool:
+        if not judged:
+            # Meanwhile another process removes the stale lock and takes its own.
+            lock.unlink()
+            lock.write_text(f"{sleeper}\n")
+        judged.append(pid)
+        return real_could_hold(pid, written_at)
+
+    monkeypatch.setattr("certwarden.pki.lock._could_hold", could_hold)
+    with pytest.raises(LockHeld, match=f"process {sleeper}"):
+        PKIStore(pki.root, lock_timeout=0.2).lock.acquire()
+    assert judged[0] == finished.pid
+    assert lock.read_text() == f"{sleeper}\n"  # the new holder's lock is still there
+    assert not (pki.root / "lock.file.break").exists()
+
+
+LOCK_RACER = """
+import os, sys, time
+from pathlib import Path
+from certwarden.errors import LockHeld
+from certwarden.pki.lock import PKILock
+
+root = Path(sys.argv[1])
+for _ in sys.stdin:
+    lock = PKILock(root, timeout=0)
+    try:
+        lock.acquire()
+    except LockHeld:
+        print("held", flush=True)
+        continue
+    try:
+        # Another racer inside at the same time finds this file.
+        fd = os.open(root / "inside", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        print("overlap", flush=True)
+    else:
+        time.sleep(0.005)
+        os.unlink(root / "inside")
+        os.close(fd)
+        print("alone", flush=True)
+    finally:
+        lock.release()
+"""
+
+
+def test_processes_racing_for_a_stale_lock_take_it_one_at_a_time(tmp_path: Path) -> None:
+    """Six processes find the same stale lock at once, forty times; each may remove it, and
+    none may remove the lock another has just taken in its place."""
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOCK_RACER, str(tmp_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    outcomes: list[str] = []
+    try:
+        for _ in range(40):
+            (tmp_path / "lock.file").write_text(f"{dead.pid}\n")
+            for racer in racers:
+                assert racer.stdin is not None
+                racer.stdin.write("go\n")
+                racer.stdin.flush()
+            trial = []
+            for racer in racers:
+                assert racer.stdout is not None
+                trial.append(racer.stdout.readline().strip())
+            assert "alone" in trial, trial  # the stale lock was taken
+            outcomes += trial
+            (tmp_path / "lock.file").unlink(missing_ok=True)
+    finally:
+        for racer in racers:
+            assert racer.stdin is not None
+            racer.stdin.close()
+            racer.wait()
+    assert "overlap" not in outcomes
+    assert set(outcomes) <= {"alone", "held"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
 # ---- a full disk -----------------------------------------------------------------------------
 
 
@@ -874,3 +996,130 @@ def test_a_write_removes_orphaned_temporary_files(pki: PKI) -> None:
     orphan.write_bytes(b"left by a crash before the journal\n")
     issue(pki, "bob")
     assert not orphan.exists()
+
+
+# ---- easy-rsa 3.1.0 writing index.txt at the same time ---------------------------------------
+# easy-rsa before 3.2.3 takes no lock: `easyrsa revoke` by hand may rewrite index.txt while a
+# certwarden write holds lock.file. Neither change may be lost.
+
+
+def line_of(pki: PKI, serial: str) -> list[str]:
+    [line] = [line for line in index_lines(pki) if line.split("\t")[3] == serial]
+    return line.split("\t")
+
+
+def test_a_revoke_by_easyrsa_during_a_certwarden_write_is_kept(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [alice] = issue(pki, "alice")
+    real_upserted_index = certwarden.pki.store.upserted_index
+    made: list[bytes] = []
+
+    def upserted_index(current: bytes, lines: list[str]) -> bytes:
+        if not made:
+            # After certwarden read index.txt, before it puts its new one in place.
+            EasyRSA(pki.root).run("revoke", "alice", "keyCompromise")
+        made.append(current)
+        return real_upserted_index(current, lines)
+
+    monkeypatch.setattr("certwarden.pki.store.upserted_index", upserted_index)
+    [bob] = issue(pki, "bob")
+    assert len(made) == 2  # made again from easy-rsa's index.txt
+    assert line_of(pki, alice)[0] == "R"
+    assert line_of(pki, alice)[2].endswith(",keyCompromise")
+    assert line_of(pki, bob)[0] == "V"
+    assert not pki.store.journal_path.exists()
+    assert not temporary_files(pki.root)
+    statuses = {r.serial: r.status for r in pki.store.inventory(pki.clock()).records}
+    assert statuses == {alice: Status.REVOKED, bob: Status.VALID}
+    assert audit_pki(pki.root) == []
+
+
+def test_a_revocation_is_never_undone_by_a_line_planned_before_it() -> None:
+    # easy-rsa revoked alice after certwarden planned its lines from the older index.txt.
+    alice_revoked = "R\t301231235959Z\t240101000000Z,keyCompromise\t0A\tunknown\t/CN=alice"
+    bob_valid = "V\t301231235959Z\t\t0B\tunknown\t/CN=bob"
+    current = f"{alice_revoked}\n{bob_valid}\n".encode()
+    alice_valid = "V\t301231235959Z\t\t0A\tunknown\t/CN=alice"
+    alice_superseded = "R\t301231235959Z\t240202000000Z,superseded\t0A\tunknown\t/CN=alice"
+    bob_revoked = "R\t301231235959Z\t240202000000Z,superseded\t0B\tunknown\t/CN=bob"
+    assert upserted_index(current, [alice_valid, bob_revoked]) == (
+        f"{alice_revoked}\n{bob_revoked}\n".encode()
+    )
+    assert upserted_index(current, [alice_superseded]) == current
+
+
+def test_an_index_that_keeps_changing_fails_the_write_until_the_next_one(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [alice] = issue(pki, "alice")
+    real_upserted_index = certwarden.pki.store.upserted_index
+
+    def upserted_index(current: bytes, lines: list[str]) -> bytes:
+        rewritten = pki.root / "index.txt.new"
+        rewritten.write_bytes(pki.store.index_path.read_bytes())
+        rewritten.replace(pki.store.index_path)  # as openssl ca does: a new file each time
+        return real_upserted_index(current, lines)
+
+    monkeypatch.setattr("certwarden.pki.store.upserted_index", upserted_index)
+    with pytest.raises(LockHeld, match=r"index\.txt: changed 5 times"):
+        issue(pki, "bob")
+    assert [line.split("\t")[3] for line in index_lines(pki)] == [alice]
+    assert pki.store.journal_path.exists()
+    monkeypatch.undo()
+    with pki.store.writing():
+        pass  # the journal completes the write
+    assert [line.split("\t")[0] for line in index_lines(pki)] == ["V", "V"]
+    assert (pki.root / "issued" / "bob.crt").is_file()
+
+
+def hide_index_after_the_moves(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make the next commit find index.txt renamed away, as openssl ca does for a moment."""
+    hidden = pki.root / "index.txt.old"
+
+    def apply(moves: list[Move], *, replay: bool = False) -> None:
+        apply_moves(moves, replay=replay)
+        if not replay:
+            pki.store.index_path.rename(hidden)
+
+    monkeypatch.setattr("certwarden.pki.store.apply_moves", apply)
+    return hidden
+
+
+def test_an_index_missing_for_a_moment_is_waited_for(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [alice] = issue(pki, "alice")
+    hidden = hide_index_after_the_moves(pki, monkeypatch)
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if not waits:
+            hidden.rename(pki.store.index_path)  # openssl's second rename
+        waits.append(seconds)
+
+    monkeypatch.setattr(
+        "certwarden.pki.store.time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
+    )
+    [bob] = issue(pki, "bob")
+    assert waits
+    assert [line.split("\t")[3] for line in index_lines(pki)] == [alice, bob]
+
+
+def test_a_missing_index_is_never_taken_for_an_empty_one(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [alice] = issue(pki, "alice")
+    hidden = hide_index_after_the_moves(pki, monkeypatch)
+    monkeypatch.setattr("certwarden.pki.store.INDEX_RETRY_SECONDS", 0.05)
+    with pytest.raises(NotFound, match=r"index\.txt: missing"):
+        issue(pki, "bob")
+    assert not pki.store.index_path.exists()  # not a new one listing bob alone
+    assert pki.store.journal_path.exists()
+    with pytest.raises(NotFound, match=r"index\.txt: missing"), pki.store.writing():
+        pass  # nor when the journal is replayed
+    hidden.rename(pki.store.index_path)  # the operator restores it
+    with pki.store.writing():
+        pass
+    bob = serial_of(pki.root / "issued" / "bob.crt")
+    assert [line.split("\t")[3] for line in index_lines(pki)] == [alice, bob]

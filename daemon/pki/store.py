@@ -32,9 +32,11 @@ from certwarden.atomicfile import (
 )
 from certwarden.errors import (
     InsecurePermissions,
+    LockHeld,
     MalformedFile,
     NotFound,
     PKIError,
+    StorageError,
 )
 from certwarden.pki.index import (
     BLOCK_CHARS,
@@ -85,9 +87,14 @@ MAX_FILE_SIZE = 1 << 20  # certificates, keys and requests are a few KiB; refuse
 # is garbage. Read with the small limit, a big crl.pem looked unreadable: a new one each time.
 MAX_CRL_SIZE = 1 << 28
 INDEX_RETRY_SECONDS = 2.0  # openssl ca renames index.txt away for a moment while it writes
+INDEX_UPDATE_ATTEMPTS = 5  # index.txt changed under us (easy-rsa 3.1.0 takes no lock): redo
 _PROFILES = {profile.value: profile for profile in Profile}
 _PROFILE_TEXTS = frozenset(_PROFILES)
 _EXPIRED_OR_VALID = (Status.EXPIRED, Status.VALID)  # indexed by "not yet expired"
+
+IndexVersion = tuple[int, int, int, int, int]
+"""Which index.txt was read: device, inode, size, and mtime and ctime in ns. ``openssl ca``
+writes a new file and renames it into place (a new inode); an edit in place changes the times."""
 
 CachedMeta = tuple[str, Profile, str | None]
 """What meta.tsv holds for a serial, as a listing uses it: name, profile, and notBefore as ISO
@@ -334,11 +341,16 @@ class PKIStore:
         return parse_revocations(self._index_text(), "index.txt")
 
     def _index_text(self) -> str:
+        return self._read_index()[0].decode("utf-8", errors="replace")
+
+    def _read_index(self) -> tuple[bytes, IndexVersion]:
+        """index.txt and which version of it that is; wait while it is briefly missing."""
         deadline = time.monotonic() + INDEX_RETRY_SECONDS
         while True:
             try:
-                data = self.index_path.read_bytes()
-                break
+                with open(self.index_path, "rb") as handle:
+                    version = _index_version(os.fstat(handle.fileno()))
+                    return handle.read(), version
             except FileNotFoundError:
                 if time.monotonic() >= deadline:
                     raise NotFound(
@@ -346,7 +358,12 @@ class PKIStore:
                         "or a backup"
                     ) from None
                 time.sleep(0.02)
-        return data.decode("utf-8", errors="replace")
+
+    def _current_index_version(self) -> IndexVersion | None:
+        try:
+            return _index_version(os.stat(self.index_path))
+        except FileNotFoundError:
+            return None
 
     def current_crl(self) -> x509.CertificateRevocationList | None:
         from cryptography import x509
@@ -592,24 +609,39 @@ class PKIStore:
             write_atomic(self.root / "serial", f"{next_serial}\n".encode(), 0o600)
 
     def _upsert_index(self, lines: list[str]) -> None:
-        """Replace lines with the same serial, append the others; keep unparsable lines."""
-        by_serial: dict[str, str] = {}
-        for line in lines:
-            by_serial[line.split("\t")[3]] = line
-        try:
-            current = self.index_path.read_text(encoding="utf-8", errors="surrogateescape")
-        except FileNotFoundError:
-            current = ""
-        out: list[str] = []
-        for line in current.splitlines():
-            fields = line.split("\t")
-            if len(fields) == 6 and fields[3] in by_serial:
-                out.append(by_serial.pop(fields[3]))
-            elif line:
-                out.append(line)  # never drop what we cannot read: it may be the operator's
-        out.extend(line for line in lines if line.split("\t")[3] in by_serial)
-        data = "".join(f"{line}\n" for line in out).encode("utf-8", errors="surrogateescape")
-        write_atomic(self.index_path, data, 0o600)
+        """Replace lines with the same serial, append the others; keep unparsable lines.
+
+        easy-rsa 3.1.0 takes no lock: `easyrsa revoke` may replace index.txt while this runs.
+        The new index.txt replaces only the version it was made from; when that changed
+        meanwhile (or is missing for a moment: openssl renames it away while it writes), the
+        lines are applied again to the new version. The reverse, openssl writing over ours, is
+        easy-rsa's to prevent: 3.2.3 and later wait for lock.file.
+        """
+        for _ in range(INDEX_UPDATE_ATTEMPTS):
+            current, version = self._read_index()
+            staged = StagedFiles()
+            try:
+                staged.stage(self.index_path, upserted_index(current, lines), 0o600)
+                (move,) = staged.moves
+                try:
+                    with open(move.source, "rb") as staged_file:
+                        os.fsync(staged_file.fileno())  # one file: not a syncfs() of them all
+                    # Checked last, right before the rename, to leave the least time for a change.
+                    if self._current_index_version() != version:
+                        continue
+                    os.replace(move.source, move.target)
+                except OSError as exc:
+                    raise StorageError(f"{self.index_path}: {exc.strerror or exc}") from exc
+                staged.moves.clear()
+            finally:
+                staged.discard()
+            fsync_dir(self.root)
+            return
+        raise LockHeld(
+            f"{self.index_path}: changed {INDEX_UPDATE_ATTEMPTS} times while certwarden "
+            "updated it; another program (easy-rsa before 3.2.3 takes no lock) keeps writing "
+            "the PKI. The next certwarden write completes this one"
+        )
 
     def recover(self) -> bool:
         """Finish an interrupted write and remove orphaned temporary files (lock held).
@@ -652,6 +684,32 @@ class PKIStore:
             self.recover()
             self._meta = None  # another process may have written since we last read
             yield
+
+
+def _index_version(stat: os.stat_result) -> IndexVersion:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def upserted_index(current: bytes, lines: list[str]) -> bytes:
+    """index.txt ``current`` with each of ``lines`` in place of the line of its serial, or else
+    appended; lines that cannot be read are kept (they may be the operator's).
+
+    A revoked line is kept as it is: a revocation made meanwhile by easy-rsa, which certwarden
+    did not see when it planned its change, is never undone.
+    """
+    by_serial: dict[str, str] = {}
+    for line in lines:
+        by_serial[line.split("\t")[3]] = line
+    out: list[str] = []
+    for line in current.decode("utf-8", errors="surrogateescape").splitlines():
+        fields = line.split("\t")
+        if len(fields) == 6 and fields[3] in by_serial:
+            ours = by_serial.pop(fields[3])
+            out.append(line if fields[0] == "R" else ours)
+        elif line:
+            out.append(line)
+    out.extend(line for line in lines if line.split("\t")[3] in by_serial)
+    return "".join(f"{line}\n" for line in out).encode("utf-8", errors="surrogateescape")
 
 
 def _cached_meta(meta: CertMeta) -> CachedMeta:
