@@ -22,7 +22,10 @@ from certwarden.pki.store import META_DIR
 
 log = logging.getLogger("certwarden.watcher")
 _EASYRSA_SESSION = re.compile(r"[0-9a-f]{8}")
-_RELEVANT = frozenset({"created", "deleted", "moved", "closed", "modified"})
+# Not "modified": for a file it is a write in progress (its close or move follows); for a
+# folder it only says that an entry was added or removed, which has its own event, and
+# taking it would let certwarden's own lock.file wake the daemon after every write.
+_RELEVANT = frozenset({"created", "deleted", "moved", "closed"})
 
 
 def is_noise(root: Path, path: str) -> bool:
@@ -46,9 +49,6 @@ class _Handler(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in _RELEVANT:
-            return
-        # A modification without close is a write in progress: wait for its close (or move).
-        if event.event_type == "modified" and not event.is_directory:
             return
         paths = [str(event.src_path)]
         if event.event_type == "moved":

@@ -33,3 +33,32 @@ def test_noise_is_recognised(path: str) -> None:
 )
 def test_pki_files_are_not_noise(path: str) -> None:
     assert not is_noise(ROOT, str(ROOT / path))
+
+
+def test_taking_the_pki_lock_wakes_nobody(tmp_path: Path) -> None:
+    """lock.file appearing and going modifies the PKI folder itself; that is no change."""
+    import threading
+
+    from certwarden.pki.lock import PKILock
+    from certwarden.watcher import PKIWatcher
+
+    (tmp_path / "issued").mkdir()
+    changes: list[str] = []
+    seen = threading.Event()
+
+    def on_change(path: str) -> None:
+        changes.append(path)
+        seen.set()
+
+    watcher = PKIWatcher(tmp_path, on_change)
+    watcher.start()
+    try:
+        for _ in range(3):
+            with PKILock(tmp_path, timeout=5):
+                pass
+        # A real change afterwards: once it is seen, everything before it has been too.
+        (tmp_path / "issued" / "alice.crt").write_text("x")
+        assert seen.wait(10)
+    finally:
+        watcher.stop()
+    assert set(changes) == {str(tmp_path.resolve() / "issued" / "alice.crt")}
