@@ -662,6 +662,12 @@ class PluginSettings(_Table):
         "still checked.",
     )
 
+    def check_config(self, config: Config) -> list[tuple[Location, str]]:
+        """Problems that the rest of ``config`` makes of this table, as (location within the
+        table, reason): a timeout longer than ``[daemon] hook_timeout``, say. Called once
+        everything validated, for enabled plugins; reported with every other problem."""
+        return []
+
 
 class Device(_Table):
     """A device that holds a client certificate: one ``[[devices]]`` table per device."""
@@ -747,8 +753,8 @@ class Config(_Table):
 
 _NO_PLUGINS: Mapping[str, type[PluginSettings]] = MappingProxyType({})
 
-_Location: TypeAlias = tuple[int | str, ...]
-_Problem: TypeAlias = tuple[_Location, str]
+Location: TypeAlias = tuple[int | str, ...]
+_Problem: TypeAlias = tuple[Location, str]
 
 
 def config_path(cli_value: str | None) -> Path:
@@ -824,6 +830,13 @@ def parse_config(
     except ValidationError as error:
         problems += _problems(error)
     problems += _duplicate_devices(data.get("devices"))
+    if config is not None and not problems:
+        for name, settings in config.plugins.items():
+            if settings.enabled:
+                problems += [
+                    (("plugins", name, *location), reason)
+                    for location, reason in settings.check_config(config)
+                ]
     if problems or config is None:
         raise ConfigError(
             [f"{_dotted(loc)}: {reason}" for loc, reason in _ordered(problems)], source
@@ -877,7 +890,7 @@ def _ordered(problems: list[_Problem]) -> list[_Problem]:
     return sorted(problems, key=section)
 
 
-def _problems(error: ValidationError, prefix: _Location = ()) -> list[_Problem]:
+def _problems(error: ValidationError, prefix: Location = ()) -> list[_Problem]:
     return [(prefix + tuple(detail["loc"]), _reason(detail)) for detail in error.errors()]
 
 

@@ -267,6 +267,8 @@ class Daemon:
         log.info("stopped")
 
     def _reload_config(self) -> None:
+        from certwarden.config import format_duration
+
         self.notifier.reloading()
         log.info("reloading %s", self.config_path)
         try:
@@ -289,12 +291,45 @@ class Daemon:
                     [f"{what} changed: restart the service to apply it" for what in restart_needed],
                     str(self.config_path),
                 )
+            # Read again even when the path is the same: the passphrase may have been changed
+            # with the CA key. A file that cannot be used refuses the reload, as at start-up.
+            passphrase = None
+            passphrase_file = config.pki.ca_passphrase_file
+            if passphrase_file is not None:
+                try:
+                    passphrase = read_secret(passphrase_file, "CA passphrase")
+                except ConfigError as exc:
+                    raise ConfigError(
+                        [f"pki.ca_passphrase_file: {exc.source}: {p}" for p in exc.problems],
+                        str(self.config_path),
+                    ) from None
         except CertwardenError as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:
                 log.error("reload refused, keeping the running configuration: %s", problem)
             self.notifier.ready(self._status)
             return
+        # The PKI store lives as long as the daemon: [pki] is applied to it here. Work already
+        # running may still use the old values (each is read once, when needed).
+        store = self.engine.store
+        old_file, old_timeout = self.config.pki.ca_passphrase_file, store.lock.timeout
+        if passphrase_file != old_file:
+            log.info(
+                "[pki] ca_passphrase_file changed from %s to %s: applied",
+                old_file or "not set",
+                passphrase_file or "not set",
+            )
+        elif passphrase != store.ca_passphrase:
+            log.info("[pki] ca_passphrase_file %s holds a new passphrase: applied", passphrase_file)
+        store.ca_passphrase = passphrase
+        new_timeout = config.pki.lock_timeout.total_seconds()
+        if new_timeout != old_timeout:
+            log.info(
+                "[pki] lock_timeout changed from %s to %s: applied",
+                format_duration(timedelta(seconds=old_timeout)),
+                format_duration(config.pki.lock_timeout),
+            )
+        store.lock.timeout = new_timeout
         self.config = config
         configure_logging(config.daemon.log_level)
         self.dispatcher.hook_timeout = config.daemon.hook_timeout.total_seconds()

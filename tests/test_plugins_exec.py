@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,18 +20,24 @@ from typing import Any
 import pytest
 from conftest import PKI, RunCli
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from certwarden.config import parse_config
 from certwarden.daemon import plugin_contexts
 from certwarden.dispatch import Dispatcher, RetryPolicy
 from certwarden.engine import Engine
+from certwarden.errors import ConfigError
+from certwarden.events import CertificateInfo, CertificateIssued
 from certwarden.pki.ca import IssueRequest
 from certwarden.pki.index import format_serial
 from certwarden.plugin_manager import PluginSet
+from certwarden.plugins.exec import event_environment
 from certwarden.state import Delivery, StateStore
 from certwarden.testing import render_toml
 
+ROOT = Path(__file__).resolve().parents[1]
 ALL_EVENTS = ["issued", "renewed", "revoked", "expiring", "crl_published", "ca_changed"]
 
 RECORD_ENV = """\
@@ -60,20 +68,22 @@ class ExecSite:
         ]
 
 
-MakeSite = Callable[[list[dict[str, Any]]], ExecSite]
+MakeSite = Callable[..., ExecSite]
 
 
 @pytest.fixture
 def make_site(pki: PKI, tmp_path: Path) -> Iterator[MakeSite]:
-    """An engine whose only plugin is exec, configured with ``commands``; baseline taken."""
+    """An engine whose only plugin is exec, configured with ``commands`` (and the [daemon]
+    table ``daemon``); baseline taken."""
     made: list[Dispatcher] = []
 
-    def make(commands: list[dict[str, Any]]) -> ExecSite:
+    def make(commands: list[dict[str, Any]], daemon: dict[str, Any] | None = None) -> ExecSite:
         plugins = PluginSet()
         plugins.register("exec", importlib.import_module("certwarden.plugins.exec"), "built-in")
         data = {
             "pki": {"dir": str(pki.root)},
             "state": {"dir": str(tmp_path / "state")},
+            "daemon": daemon or {},
             "plugins": {"exec": {"enabled": True, "commands": commands}},
         }
         config = parse_config(data, "test", plugins.schemas())
@@ -81,7 +91,7 @@ def make_site(pki: PKI, tmp_path: Path) -> Iterator[MakeSite]:
         dispatcher = Dispatcher(
             plugins,
             state,
-            hook_timeout=30.0,
+            hook_timeout=config.daemon.hook_timeout.total_seconds(),
             retry=RetryPolicy(timedelta(minutes=1), timedelta(hours=1)),
         )
         dispatcher.configure(plugin_contexts(config, plugins))
@@ -121,6 +131,25 @@ def serial_of(path: Path) -> str:
 def key_matches(key_path: Path, cert_path: Path) -> bool:
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     return key.public_key() == x509.load_pem_x509_certificate(cert_path.read_bytes()).public_key()
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs; one that died and waits for init to reap it does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def write_request(pki: PKI, name: str, key: ec.EllipticCurvePrivateKey) -> None:
+    """reqs/NAME.req for ``key``, as `easyrsa gen-req` leaves it."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    (pki.root / "reqs" / f"{name}.req").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
 
 
 # ---- the environment ---------------------------------------------------------------------------
@@ -181,6 +210,52 @@ def test_revoked_and_crl_commands_see_the_revoked_serial_and_the_new_crl(
     assert crl_env["CERTWARDEN_CRL_NUMBER"] == str(
         crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     )
+
+
+def test_an_event_about_a_certificate_renewed_since_gets_an_empty_key(
+    pki: PKI, recording_site: ExecSite, recorded: Path
+) -> None:
+    # An issued event delivered late (a retry after the renewal): private/alice.key is the
+    # renewed certificate's key by then, not the key of the certificate the event is about.
+    (old,) = pki.ca.issue([IssueRequest("alice")])
+    (new,) = pki.ca.renew(["alice"])
+    late = CertificateIssued(cert=CertificateInfo.from_record(old.record, pki.root))
+    current = CertificateIssued(cert=CertificateInfo.from_record(new.record, pki.root))
+
+    late_env = event_environment(late, str(pki.root))
+    current_env = event_environment(current, str(pki.root))
+
+    assert late_env["CERTWARDEN_SERIAL"] == old.record.serial
+    assert serial_of(Path(late_env["CERTWARDEN_CERT"])) == old.record.serial
+    assert late_env["CERTWARDEN_KEY"] == ""
+    assert current_env["CERTWARDEN_KEY"] == str(pki.root / "private" / "alice.key")
+    assert key_matches(Path(current_env["CERTWARDEN_KEY"]), Path(current_env["CERTWARDEN_CERT"]))
+
+
+def test_an_encrypted_key_is_given_when_the_request_made_with_it_matches_the_certificate(
+    pki: PKI, recording_site: ExecSite, recorded: Path
+) -> None:
+    # `easyrsa gen-req dave` without nopass: an encrypted key and its request; certwarden
+    # signs the request. The key cannot be read without its passphrase, its request can.
+    key = ec.generate_private_key(ec.SECP256R1())
+    (pki.root / "private" / "dave.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"dave's passphrase"),
+        )
+    )
+    write_request(pki, "dave", key)
+    (issued,) = pki.ca.issue([IssueRequest("dave")])
+
+    recording_site.reconcile()
+
+    (env,) = environments(recorded, "issued")
+    assert env["CERTWARDEN_KEY"] == str(pki.root / "private" / "dave.key")
+    # A request for another key (a new `gen-req` not signed yet): the key is not the one.
+    write_request(pki, "dave", ec.generate_private_key(ec.SECP256R1()))
+    event = CertificateIssued(cert=CertificateInfo.from_record(issued.record, pki.root))
+    assert event_environment(event, str(pki.root))["CERTWARDEN_KEY"] == ""
 
 
 def test_a_command_runs_only_for_the_events_it_is_configured_on(
@@ -249,6 +324,52 @@ def test_a_command_that_outlives_its_timeout_is_killed_and_the_delivery_failed(
     assert delivery.last_error == "sh: killed after 1 s"
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+# A command that starts a child in the background and waits for it, writing the child's pid to
+# the file $1; the child holds the output pipe too, so the call would wait for it as well.
+SPAWN = 'sleep 60 & echo $! > "$1"; wait'
+SPAWN_IGNORING_SIGTERM = "trap '' TERM; " + SPAWN  # the child inherits the ignored signal
+
+
+def spawn_and_time_out(
+    pki: PKI, make_site: MakeSite, tmp_path: Path, script: str, **command: str
+) -> tuple[Delivery, int]:
+    """Run ``script`` on an issued event until it is killed: its delivery and child's pid."""
+    pid_file = tmp_path / "child.pid"
+    argv = ["sh", "-c", script, "sh", str(pid_file)]
+    site = make_site([{"on": ["issued"], "command": argv, **command}], {"hook_timeout": "5s"})
+
+    pki.ca.issue([IssueRequest("alice")])
+    site.reconcile()
+
+    (delivery,) = site.deliveries("issued")
+    assert delivery.status == "failed"
+    return delivery, int(pid_file.read_text())
+
+
+@pytest.mark.parametrize("script", [SPAWN, SPAWN_IGNORING_SIGTERM], ids=["term", "kill"])
+def test_a_timed_out_command_is_killed_with_the_processes_it_started(
+    pki: PKI, make_site: MakeSite, tmp_path: Path, script: str
+) -> None:
+    delivery, child = spawn_and_time_out(pki, make_site, tmp_path, script, timeout="1s")
+
+    assert delivery.last_error == "sh: killed after 1 s"
+    assert not running(child)
+
+
+def test_a_command_without_a_timeout_is_stopped_before_the_daemon_abandons_the_hook(
+    pki: PKI, make_site: MakeSite, tmp_path: Path
+) -> None:
+    delivery, child = spawn_and_time_out(pki, make_site, tmp_path, SPAWN)
+
+    # Killed by the plugin, not abandoned by the dispatcher ("did not return within 5 s").
+    assert delivery.last_error is not None
+    assert re.fullmatch(
+        r"sh: killed after [0-9.]+ s, what was left of \[daemon\] hook_timeout \(5s\)",
+        delivery.last_error,
+    ), delivery.last_error
+    assert not running(child)
 
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -331,3 +452,54 @@ def test_only_events_some_command_runs_on_become_deliveries(tmp_path: Path) -> N
     ca = CAInfo("/CN=ca", "01", now, "0" * 64, tmp_path / "ca.crt")
     planned = dispatcher.plan([CAChanged(ca=ca), CRLPublished(crl=crl)])
     assert [(d.plugin, d.event_kind) for d in planned] == [("exec", "crl_published")]
+
+
+def timeout_problems(commands: list[dict[str, Any]], hook_timeout: str) -> list[str]:
+    """The problems the whole configuration has, as check-config and run report them."""
+    plugins = PluginSet()
+    plugins.register("exec", importlib.import_module("certwarden.plugins.exec"), "built-in")
+    data = {
+        "pki": {"dir": "/nonexistent/pki"},
+        "daemon": {"hook_timeout": hook_timeout},
+        "plugins": {"exec": {"enabled": True, "commands": commands}},
+    }
+    try:
+        parse_config(data, "test", plugins.schemas())
+    except ConfigError as error:
+        return error.problems
+    return []
+
+
+def test_a_timeout_not_shorter_than_the_hook_timeout_is_a_configuration_error() -> None:
+    # The daemon would abandon the call at 60 s, record a failure and retry while the command
+    # still ran: two runs of the deploy hook at once. check-config and run refuse it.
+    commands = [{"on": ["renewed"], "command": ["true"], "timeout": "2m"}]
+
+    assert timeout_problems(commands, "60s") == [
+        "plugins.exec.commands[0].timeout: must be shorter than [daemon] hook_timeout (1m)"
+    ]
+
+
+def test_the_timeouts_of_the_commands_one_event_runs_add_up() -> None:
+    commands: list[dict[str, Any]] = [
+        {"on": ["renewed"], "command": ["a"], "timeout": "20s"},
+        {"on": ["revoked"], "command": ["b"], "timeout": "50s"},  # alone on revoked: fits
+        {"on": ["renewed", "revoked"], "command": ["c"], "timeout": "40s"},
+        {"on": ["renewed"], "command": ["d"]},  # no timeout: gets what is left
+        {"on": ["issued"], "command": ["e"], "timeout": "1m"},
+    ]
+
+    assert timeout_problems(commands, "60s") == [
+        "plugins.exec.commands[2].timeout: with the commands renewed runs before it "
+        "(commands[0]), 1m in all: must be shorter than [daemon] hook_timeout (1m)",
+        "plugins.exec.commands[4].timeout: must be shorter than [daemon] hook_timeout (1m)",
+    ]
+    assert timeout_problems(commands, "91s") == []
+
+
+def test_the_example_configs_exec_commands_fit_in_its_hook_timeout() -> None:
+    data = tomllib.loads((ROOT / "config" / "certwarden.example.toml").read_text())
+    exec_table = data["plugins"]["exec"]
+    assert exec_table["commands"], "the example shows a command"
+
+    assert timeout_problems(exec_table["commands"], data["daemon"]["hook_timeout"]) == []
