@@ -475,7 +475,13 @@ def export(
 ) -> None:
     """Write NAME's certificate, chain and key as a bundle to FILE (mode 0600)."""
     from certwarden.atomicfile import write_atomic
-    from certwarden.pki.export import BundleFormat, export_bundle, generate_password, load_identity
+    from certwarden.pki.export import (
+        BundleFormat,
+        export_bundle,
+        generate_password,
+        load_identity,
+        password_text,
+    )
 
     bundle_format = BundleFormat(fmt)
     profile = {
@@ -497,7 +503,7 @@ def export(
         if password_file is not None:
             from certwarden.config import read_secret
 
-            password = read_secret(password_file, "bundle password").decode()
+            password = password_text(read_secret(password_file, "bundle password"), password_file)
         else:
             password = generate_password()
             generated = True

@@ -42,7 +42,13 @@ from certwarden.pki.model import CertRecord, Status
 from certwarden.pki.names import is_valid_name
 from certwarden.pki.store import Inventory, PKIStore
 from certwarden.pki.x509 import slash_subject
-from certwarden.policy import RenewalPlan, crl_refresh_at, current_certificates, plan_renewal
+from certwarden.policy import (
+    RenewalPlan,
+    crl_refresh_at,
+    current_certificates,
+    plan_renewal,
+    unsafe_name_problem,
+)
 from certwarden.state import SnapshotEntry, StateStore
 
 log = logging.getLogger("certwarden.engine")
@@ -96,6 +102,8 @@ class Engine:
         self._lock = threading.RLock()
         self._renew_not_before: dict[str, datetime] = {}  # serial -> after a failed renewal
         self._crl_serials: tuple[str, frozenset[int]] | None = None  # (sha256, serials)
+        self._unsafe_names_logged: set[str] = set()  # serials: logged once, not every reconcile
+        self._adopt_looked_at: dict[str, tuple[int, int, int]] = {}  # issued/NAME.crt files
         self.last_reconcile: datetime | None = None
 
     # ---- reconcile ---------------------------------------------------------------------------
@@ -118,8 +126,13 @@ class Engine:
         now = self.clock()
         inventory = self.store.inventory(now)
         copied_in = self._copied_in(inventory)
-        if copied_in and self.ca.adopt(copied_in):
-            inventory = self.store.inventory(now)
+        if copied_in:
+            adopted = self.ca.adopt(list(copied_in))
+            # Looked at once: adopt() takes the PKI lock, whose file changes wake the watcher,
+            # so trying again at every reconcile would reconcile in a loop.
+            self._adopt_looked_at.update(copied_in)
+            if adopted:
+                inventory = self.store.inventory(now)
         for problem in inventory.problems:
             log.warning("PKI: %s", problem)
         snapshot = self.state.snapshot()
@@ -136,6 +149,7 @@ class Engine:
             events.extend(self._certificate_changes(inventory, snapshot, by_serial))
         crl, crl_event, crl_owed = self._crl_state(inventory, now)
         plans = self._plans(inventory)
+        self._log_unsafe_names(plans)
         expiring = [
             plan
             for plan in plans
@@ -175,16 +189,37 @@ class Engine:
         self.last_reconcile = now
         return self._outlook(plans, crl, now), crl_owed
 
-    def _copied_in(self, inventory: Inventory) -> list[str]:
-        """Names with an issued/NAME.crt but no current certificate in index.txt."""
+    def _log_unsafe_names(self, plans: Sequence[RenewalPlan]) -> None:
+        for plan in plans:
+            problem = unsafe_name_problem(plan)
+            if problem is not None and plan.record.serial not in self._unsafe_names_logged:
+                self._unsafe_names_logged.add(plan.record.serial)
+                log.warning("PKI: %s", problem)
+
+    def _copied_in(self, inventory: Inventory) -> dict[str, tuple[int, int, int]]:
+        """Names with an issued/NAME.crt but no current certificate in index.txt, with the
+        file's identity, unless that very file was looked at before. Such a file is often no
+        copy: easy-rsa names it after the request (carol) while index.txt only knows the CN
+        (carol.example.com); or it was signed by another CA."""
         current = {record.name for record in inventory.records if record.current}
         try:
             files = os.scandir(self.store.root / "issued")
         except FileNotFoundError:
-            return []
+            return {}
+        found = {}
         with files:
-            names = [entry.name[:-4] for entry in files if entry.name.endswith(".crt")]
-        return sorted(name for name in names if name not in current and is_valid_name(name))
+            for entry in files:
+                name = entry.name[:-4]
+                if not entry.name.endswith(".crt") or name in current or not is_valid_name(name):
+                    continue
+                try:
+                    info = entry.stat()
+                except OSError:
+                    continue
+                stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+                if self._adopt_looked_at.get(name) != stamp:
+                    found[name] = stamp
+        return dict(sorted(found.items()))
 
     def _ca_change(self) -> tuple[CAChanged | None, str]:
         data = self.store.read_file(self.store.ca_cert_path)
@@ -200,6 +235,7 @@ class Engine:
             path=self.store.ca_cert_path,
         )
         self._crl_serials = None
+        self._adopt_looked_at.clear()  # a file left out as signed by another CA may be ours now
         return CAChanged(ca=info), digest
 
     def _certificate_changes(
@@ -287,9 +323,13 @@ class Engine:
         # Certificates that expired before certwarden first ran are history, not work.
         since = datetime.fromisoformat(baseline) if baseline else self.clock()
         return [
-            plan_renewal(self.config, record, has_key=self.store.key_path(record.name).exists())
+            plan_renewal(self.config, record, has_key=self._has_key(record.name))
             for record in current_certificates(inventory.records, since)
         ]
+
+    def _has_key(self, name: str) -> bool:
+        # An unsafe name (easy-rsa signs any CN) is no path: plan_renewal reports it instead.
+        return is_valid_name(name) and self.store.key_path(name).exists()
 
     def _outlook(
         self,

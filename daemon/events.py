@@ -20,9 +20,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from certwarden.errors import NotFound, PKIError
-from certwarden.pki.export import BundleFormat, Identity, export_bundle
+from certwarden.pki.export import BundleFormat, Identity, export_bundle, load_chain
 from certwarden.pki.model import CertRecord, Profile, Reason, Status
-from certwarden.pki.x509 import load_certificate, load_private_key, pem_blocks, same_public_key
+from certwarden.pki.x509 import load_certificate, load_private_key, same_public_key
 
 
 class EventKind(enum.StrEnum):
@@ -123,9 +123,7 @@ class CertificateInfo:
                 f"{self.key_path}: belongs to a newer certificate of {self.name}; "
                 f"serial {self.serial} was superseded"
             )
-        chain = tuple(
-            x509.load_pem_x509_certificate(block) for block in pem_blocks(self.chain_pem())
-        )
+        chain = load_chain(self.chain_pem(), str(self.chain_path))
         return Identity(self.name, cert, key, chain)
 
     def bundle(self, fmt: BundleFormat, password: str | None = None) -> bytes:

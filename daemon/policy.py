@@ -14,6 +14,7 @@ from cryptography import x509
 
 from certwarden.config import Config, CRLSettings, ProfileSettings
 from certwarden.pki.model import CertRecord, Profile, Status
+from certwarden.pki.names import is_valid_name
 
 # Used to decide when an unmanaged certificate counts as expiring: the peers' default.
 UNMANAGED_RENEW_FRACTION = 1 / 3
@@ -58,10 +59,31 @@ def renewal_due_at(record: CertRecord, profile: ProfileSettings | None) -> datet
     return record.not_after - before - before * profile.jitter * _spread(record.serial)
 
 
+UNSAFE_NAME = (
+    "its name (the CN of its subject) is not a safe file name, so certwarden cannot renew it: "
+    "renew it by hand with easy-rsa, or issue a replacement named with letters, digits and "
+    ". _ @ - only and revoke this one"
+)
+
+
+def unsafe_name_problem(plan: RenewalPlan) -> str | None:
+    """What to report about a certificate whose name is no safe file name, else None.
+
+    easy-rsa signs whatever CN a request carries (``--req-cn="Carol Phone"``) and index.txt
+    may hold any subject: such a certificate is listed, revoked and announced like any other,
+    but no path is ever built from its name, so it is never renewed automatically.
+    """
+    if plan.reason != UNSAFE_NAME:
+        return None
+    return f"certificate {plan.record.name!r} (serial {plan.record.serial}): {UNSAFE_NAME}"
+
+
 def plan_renewal(config: Config, record: CertRecord, *, has_key: bool) -> RenewalPlan:
     profile = profile_of(config, record)
     reason = None
-    if profile is None:
+    if not is_valid_name(record.name):
+        reason = UNSAFE_NAME
+    elif profile is None:
         reason = f"no [profiles.*] table applies to {record.name} ({record.profile.value})"
     elif not has_key:
         reason = (

@@ -24,7 +24,13 @@ from certwarden.hookspecs import DEPLOYED_CRL_NEXT_UPDATE, HealthProblem, Metric
 from certwarden.instance import running_pid
 from certwarden.pki.store import PKIStore
 from certwarden.pki.x509 import crl_number
-from certwarden.policy import RenewalPlan, crl_refresh_at, current_certificates, plan_renewal
+from certwarden.policy import (
+    RenewalPlan,
+    crl_refresh_at,
+    current_certificates,
+    plan_renewal,
+    unsafe_name_problem,
+)
 from certwarden.state import Delivery, StateStore
 
 EXIT_NEEDS_ATTENTION = 2
@@ -264,6 +270,7 @@ def gather(
         if own_state is not None:
             own_state.close()
     problems = list(inventory.problems)
+    problems.extend(filter(None, map(unsafe_name_problem, plans)))
     try:
         crl = store.current_crl()
     except PKIError as exc:

@@ -1,11 +1,18 @@
-"""Human output on a terminal: aligned tables of certificates, and the status picture."""
+"""Human output on a terminal: aligned tables of certificates, and the status picture.
+
+Names, subjects and messages come from index.txt, certificates and plugins, so anyone who can
+get a certificate signed chooses some of the text: every piece of it goes through
+:func:`visible` (or :func:`echo`, which applies it), so a CN holding ``ESC [ 2 J`` shows as
+``\\x1b[2J`` instead of clearing the operator's screen. JSON output is left exact: json
+escapes control characters itself.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,13 +24,36 @@ if TYPE_CHECKING:
 CERT_HEADER = ("NAME", "SERIAL", "STATUS", "NOT_AFTER", "PROFILE")
 
 
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every character a terminal would act on or not show written as its
+    escape, as Python writes it: C0 and C1 controls (``\\x1b``, ``\\x9b``), DEL, line
+    separators, bidirectional overrides (``\\u202e``) and the like. Plain text is returned
+    as it is, at the cost of one check."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def echo(text: str = "", *, nl: bool = True, err: bool = False, **style: Any) -> None:
+    """:func:`click.secho` of ``text`` made :func:`visible`: one line of human output."""
+    click.secho(visible(text), nl=nl, err=err, **style)
+
+
 def echo_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    shown = [[visible(cell) for cell in row] for row in rows]
     widths = [len(title) for title in header]
-    for row in rows:
+    for row in shown:
         widths = [max(width, len(cell)) for width, cell in zip(widths, row, strict=True)]
-    for row in (header, *rows):
+    for cells in (header, *shown):
         click.echo(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
         )
 
 
@@ -79,25 +109,23 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
     from certwarden.status import describe_delta, next_try
 
     now = report.now
-    click.secho(f"certwarden status at {_short(now)}", bold=True)
+    echo(f"certwarden status at {_short(now)}", bold=True)
     if report.daemon_pid is not None:
-        click.echo(f"daemon: running (pid {report.daemon_pid})")
+        echo(f"daemon: running (pid {report.daemon_pid})")
     else:
-        click.secho(
-            "daemon: not running; renewals, CRL refreshes and deliveries wait for it", fg="yellow"
-        )
-    click.echo()
+        echo("daemon: not running; renewals, CRL refreshes and deliveries wait for it", fg="yellow")
+    echo()
     if report.needs_attention:
-        click.secho("NEEDS ATTENTION", fg="red", bold=True)
+        echo("NEEDS ATTENTION", fg="red", bold=True)
         for item in report.needs_attention:
-            click.secho(f"  ! {item}", fg="red")
+            echo(f"  ! {item}", fg="red")
     else:
-        click.secho("Nothing needs a person.", fg="green")
-    click.echo()
+        echo("Nothing needs a person.", fg="green")
+    echo()
 
     failing = report.failing_deliveries
     if failing:
-        click.secho(f"FAILING DELIVERIES ({len(failing)})", bold=True)
+        echo(f"FAILING DELIVERIES ({len(failing)})", bold=True)
         table = [
             [
                 str(d.id),
@@ -115,13 +143,13 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
             table, ("ID", "PLUGIN", "EVENT", "SUBJECT", "FAILING FOR", "TRIES", "NEXT", "ERROR")
         )
         if len(failing) > rows:
-            click.echo(f"... and {len(failing) - rows} more; --json lists them all")
-        click.echo()
+            echo(f"... and {len(failing) - rows} more; --json lists them all")
+        echo()
 
-    click.secho("CRL", bold=True)
+    echo("CRL", bold=True)
     crl = report.crl
     if crl is None:
-        click.secho("  none: crl.pem is missing or unreadable", fg="red")
+        echo("  none: crl.pem is missing or unreadable", fg="red")
     else:
         if crl.next_update is not None:
             # Its validity from lastUpdate to nextUpdate: the time used light, the time left full.
@@ -129,40 +157,40 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
             _, used = timeline_columns(crl.last_update, now, now, lifetime, 20)
             bar = LIGHT * used + FULL * (20 - used)
             left = describe_delta(crl.next_update - now)
-            click.echo("  ", nl=False)
-            click.secho(bar, fg=_FG[crl.urgency.value], nl=False)
-            click.echo(
+            echo("  ", nl=False)
+            echo(bar, fg=_FG[crl.urgency.value], nl=False)
+            echo(
                 f"  {crl.state.value.replace('_', ' ')}: next update "
                 f"{_short(crl.next_update)} ({left})"
             )
         else:
-            click.echo("  no nextUpdate: the CRL never expires")
-        click.echo(
+            echo("  no nextUpdate: the CRL never expires")
+        echo(
             f"  number {crl.number}, {crl.revoked} revoked, issued {_short(crl.last_update)}, "
             f"refresh {_short(crl.refresh_at)} ({describe_delta(crl.refresh_at - now)}), "
             f"margin {describe_delta(crl.margin, signed=False)}"
         )
     for deployed in report.deployed_crls:
-        click.echo("  ", nl=False)
-        click.secho(DOT, fg=_FG[deployed.urgency.value], nl=False)
-        click.echo(
+        echo("  ", nl=False)
+        echo(DOT, fg=_FG[deployed.urgency.value], nl=False)
+        echo(
             f" {deployed.plugin} {deployed.target}: next update {_short(deployed.next_update)} "
             f"({describe_delta(deployed.next_update - now)})"
         )
-    click.echo()
+    echo()
 
     certs = sorted(
         report.certificates, key=lambda c: (_RANK[c.urgency.value], c.plan.record.not_after)
     )
-    click.secho(f"CERTIFICATES ({len(certs)})", bold=True)
+    echo(f"CERTIFICATES ({len(certs)})", bold=True)
     if not certs:
-        click.echo("  none")
+        echo("  none")
     shown = certs[:rows]
     if shown:
         horizon = max(max(c.not_after for c in shown) - now, timedelta(days=1))
-        name_width = max(4, min(max(len(c.name) for c in shown), 28))
+        name_width = max(4, min(max(len(visible(c.name)) for c in shown), 28))
         scale = f"+{describe_delta(horizon, signed=False)}"
-        click.echo(
+        echo(
             f"  {'NAME':{name_width}}  {'now':{TIMELINE_WIDTH - len(scale)}}{scale}  "
             "EXPIRES     LEFT      RENEWAL"
         )
@@ -171,20 +199,21 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
             now, cert.renew_at, cert.not_after, horizon, TIMELINE_WIDTH
         )
         bar = FULL * renew_col + SHADE * (end_col - renew_col)
-        name = cert.name if len(cert.name) <= name_width else cert.name[: name_width - 1] + "~"
+        name = visible(cert.name)
+        name = name if len(name) <= name_width else name[: name_width - 1] + "~"
         left = (
             describe_delta(cert.not_after - now, signed=False)
             if cert.not_after > now
             else "expired"
         )
         renewal = describe_delta(cert.renew_at - now) if cert.plan.renewable else "manual"
-        click.echo(f"  {name:{name_width}}  ", nl=False)
-        click.secho(bar, fg=_FG[cert.urgency.value], nl=False)
-        click.echo(
+        echo(f"  {name:{name_width}}  ", nl=False)
+        echo(bar, fg=_FG[cert.urgency.value], nl=False)
+        echo(
             f"{' ' * (TIMELINE_WIDTH - end_col)}  {cert.not_after:%Y-%m-%d}  {left:8}  ",
             nl=False,
         )
-        click.secho(renewal, fg="red" if cert.needs_a_person else None)
+        echo(renewal, fg="red" if cert.needs_a_person else None)
     if len(certs) > len(shown):
         rest = certs[len(shown) :]
         by_colour = ", ".join(
@@ -192,24 +221,22 @@ def echo_status(report: StatusReport, *, rows: int = TIMELINE_ROWS) -> None:
             for colour in ("red", "yellow", "green")
             if any(c.urgency.value == colour for c in rest)
         )
-        click.echo(f"  ... and {len(rest)} more ({by_colour}); --json lists them all")
+        echo(f"  ... and {len(rest)} more ({by_colour}); --json lists them all")
     if shown:
-        click.echo(f"  {FULL} in use until its renewal, {SHADE} renewal to expiry")
-        click.echo(
-            "  red: expires within 7 days or past its renewal time; yellow: renewal within 7 days"
-        )
+        echo(f"  {FULL} in use until its renewal, {SHADE} renewal to expiry")
+        echo("  red: expires within 7 days or past its renewal time; yellow: renewal within 7 days")
 
     if report.pki_problems:
-        click.echo()
+        echo()
     for problem in report.pki_problems:
-        click.secho(f"PKI: {problem}", fg="yellow")
+        echo(f"PKI: {problem}", fg="yellow")
     waiting = [d for d in report.open_deliveries if d.status == "pending"]
     if waiting:
-        click.echo()
-        click.secho(f"WAITING DELIVERIES ({len(waiting)})", bold=True)
+        echo()
+        echo(f"WAITING DELIVERIES ({len(waiting)})", bold=True)
         echo_table(
             [[d.plugin, d.event_kind, d.subject, str(d.serial or "")] for d in waiting[:rows]],
             ("PLUGIN", "EVENT", "SUBJECT", "SERIAL"),
         )
         if len(waiting) > rows:
-            click.echo(f"... and {len(waiting) - rows} more")
+            echo(f"... and {len(waiting) - rows} more")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import certwarden
 from certwarden.pki.index import format_serial, parse_index
-from certwarden.pki.store import PKIStore
+from certwarden.pki.store import PKIStore, index_line
 from certwarden.testing import require_tool
 
 SERIAL = re.compile(r"\A(?:[0-9A-F]{2})+\Z")
@@ -364,6 +365,22 @@ def test_a_held_lock_exits_75_naming_the_holder(
     assert not (root / "issued" / "alice.crt").exists()
 
 
+def test_a_lock_left_before_its_pid_was_reused_does_not_block(root: Path, run_cli: RunCli) -> None:
+    # As after a reboot: the PID in the leftover lock is now a process started since.
+    reused = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    lock = root / "lock.file"
+    try:
+        lock.write_text(f"{reused.pid}\n")
+        an_hour_earlier = lock.stat().st_mtime - 3600
+        os.utime(lock, (an_hour_earlier, an_hour_earlier))
+        ok(run_cli, "--pki", root, "issue", "alice")
+    finally:
+        reused.kill()
+        reused.wait()
+    assert (root / "issued" / "alice.crt").is_file()
+    assert not lock.exists()
+
+
 def test_version_as_a_module(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "CERTWARDEN_CONFIG"}
     result = subprocess.run(
@@ -388,3 +405,152 @@ def test_require_tool_skips_locally_and_fails_under_ci(monkeypatch: pytest.Monke
     with pytest.raises(pytest.fail.Exception, match="CI must run every test"):
         require_tool(missing)
     assert require_tool(sys.executable) == sys.executable
+
+
+# ---- hostile text -------------------------------------------------------------------------------
+
+HOSTILE_CN = "evil\x1b[2J\x1b]0;owned\x07\x9b31m\u202e"  # clear, set title, bell, C1 CSI, bidi
+
+
+def test_a_name_from_index_txt_reaches_the_terminal_escaped_and_json_exact(
+    root: Path, run_cli: RunCli
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    # A line as a hostile easy-rsa request would leave it, with a certificate file to read.
+    (alice,) = listed(run_cli, root)
+    shutil.copy(root / "issued" / "alice.crt", root / "certs_by_serial" / "7E57.pem")
+    not_after = datetime.fromisoformat(str(alice["not_after"]))
+    with (root / "index.txt").open("a") as index:
+        index.write(index_line("V", "7E57", not_after, f"/CN={HOSTILE_CN}") + "\n")
+
+    out = ok(run_cli, "--pki", root, "list")
+
+    (row,) = [line for line in out.splitlines() if "7E57" in line]
+    assert row.split()[:3] == ["evil\\x1b[2J\\x1b]0;owned\\x07\\x9b31m\\u202e", "7E57", "valid"]
+    assert out.replace("\n", "").isprintable()
+    records = listed(run_cli, root)
+    assert [(r["name"], r["subject"]) for r in records[1:]] == [(HOSTILE_CN, f"/CN={HOSTILE_CN}")]
+
+
+# ---- errors that are expected: one line, never a traceback --------------------------------------
+
+
+def test_export_with_a_malformed_block_in_ca_crt_exits_65_naming_the_file(
+    root: Path, run_cli: RunCli, tmp_path: Path
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    with (root / "ca.crt").open("a") as chain:
+        chain.write("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    out_path = tmp_path / "alice.pem"
+
+    code, out, err = run_cli(
+        ["--pki", root, "export", "alice", "--format", "pem", "--out", out_path]
+    )
+
+    assert (code, out) == (65, "")
+    assert err == (
+        "certwarden: error: ca.crt: PEM block 2 (-----BEGIN CERTIFICATE-----) is not a readable "
+        "certificate; the file must hold the CA certificate and its chain only: fix or remove "
+        "that block\n"
+    )
+    assert not out_path.exists()
+
+
+def test_export_with_a_password_file_that_is_not_utf8_exits_64_without_quoting_it(
+    root: Path, run_cli: RunCli, tmp_path: Path
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "alice")
+    password_file = tmp_path / "password"
+    password_file.write_bytes(b"\xfe\xffQz7Kp\n")
+    password_file.chmod(0o600)
+    out_path = tmp_path / "alice.p12"
+    argv: list[str | Path] = ["--pki", root, "export", "alice", "--format", "p12"]
+
+    code, out, err = run_cli([*argv, "--out", out_path, "--password-file", password_file])
+
+    assert (code, out) == (64, "")
+    assert err == (
+        f"certwarden: error: {password_file}: the bundle password is not UTF-8 text; write it "
+        "to the file as UTF-8\n"
+    )
+    for shown in ("Qz7Kp", "xfe", "xff", "0xfe", "\u00fe", "\u00ff", "\ufffd", "position"):
+        assert shown not in err
+    assert not out_path.exists()
+
+
+# ---- revocations openssl ca writes besides DATE,REASON ------------------------------------------
+
+
+def rewrite_index(root: Path, revocations: dict[str, str]) -> None:
+    """Mark the lines of these serials R with these revocation fields, as openssl ca -revoke
+    writes them (the files stay where they are, as with openssl ca)."""
+    index = root / "index.txt"
+    lines = []
+    for text in index.read_text().splitlines():
+        fields = text.split("\t")
+        if fields[3] in revocations:
+            fields[0], fields[2] = "R", revocations[fields[3]]
+        lines.append("\t".join(fields))
+    index.write_text("\n".join(lines) + "\n")
+
+
+def test_list_all_shows_compromise_and_hold_revocations_as_revoked(
+    root: Path, run_cli: RunCli
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "gina", "hank", "ivan", "good")
+    serials = {
+        name: format_serial(load_cert(root / "issued" / f"{name}.crt").serial_number)
+        for name in ("gina", "hank", "ivan")
+    }
+    rewrite_index(
+        root,
+        {
+            serials["gina"]: "261127160313Z,keyTime,20260101000000Z",  # -crl_compromise
+            serials["hank"]: "261127160313Z,CAkeyTime,20250601120000Z",  # -crl_CA_compromise
+            serials["ivan"]: "261127160313Z,holdInstruction,holdInstructionReject",  # -crl_hold
+        },
+    )
+
+    table = ok(run_cli, "--pki", root, "list", "--all")
+    records = {
+        r["name"]: r for r in json.loads(ok(run_cli, "--pki", root, "list", "--json", "--all"))
+    }
+
+    for name in serials:
+        (row,) = [line for line in table.splitlines() if line.split()[0] == name]
+        assert row.split()[2] == "revoked", row
+    assert {name: (records[name]["status"], records[name]["reason"]) for name in serials} == {
+        "gina": ("revoked", "keyCompromise"),
+        "hank": ("revoked", "CACompromise"),
+        "ivan": ("revoked", "certificateHold"),
+    }
+    assert records["good"]["status"] == "valid"
+    assert [line.split()[0] for line in ok(run_cli, "--pki", root, "list").splitlines()] == [
+        "NAME",
+        "good",
+    ]
+    assert ok(run_cli, "--pki", root, "crl").startswith("CRL number ")
+    crl = x509.load_pem_x509_crl((root / "crl.pem").read_bytes())
+    assert {entry.serial_number for entry in crl} == {int(s, 16) for s in serials.values()}
+
+
+def test_crl_lists_a_malformed_revoked_line_and_warns_naming_it(
+    root: Path, run_cli: RunCli, caplog: pytest.LogCaptureFixture
+) -> None:
+    ok(run_cli, "--pki", root, "issue", "mallory", "good")
+    serial = format_serial(load_cert(root / "issued" / "mallory.crt").serial_number)
+    rewrite_index(root, {serial: "26112716Z,stolen"})
+
+    with caplog.at_level("WARNING", logger="certwarden"):
+        code, out, _ = run_cli(["--pki", root, "crl"])
+
+    assert code == 0
+    assert out.startswith("CRL number ") and "with 1 revoked" in out
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("index.txt:1: revocation date '26112716Z' is not a valid ")
+    assert "'stolen' is unknown" in warning
+    assert warning.endswith(f"the CRL lists serial {serial} anyway")
+    crl = x509.load_pem_x509_crl((root / "crl.pem").read_bytes())
+    entry = crl.get_revoked_certificate_by_serial_number(int(serial, 16))
+    assert entry is not None
+    assert entry.revocation_date_utc == crl.last_update_utc

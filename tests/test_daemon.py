@@ -87,7 +87,7 @@ class Site:
                     {
                         "on": on or ALL_EVENTS,
                         "command": self.exec_command(events_path),
-                        "timeout": "20s",
+                        # No timeout: the recorder gets what [daemon] hook_timeout leaves.
                     }
                 ],
             },
@@ -875,3 +875,161 @@ def test_kill_9_during_a_burst_of_renewals_loses_nothing_and_leaves_no_delivery_
     assert site.deliveries("status IN ('pending', 'failed')") == []
     # At least once, never lost: a delivery cut short by a kill ran again after the restart.
     assert set(counter.read_text().split()) == set(original)
+
+
+# ---- names that are not file names -------------------------------------------------------------
+
+
+def test_a_certificate_whose_cn_is_no_file_name_neither_stops_the_daemon_nor_the_crl(
+    site: Site, easyrsa: EasyRSA, certwarden_daemon_factory: StartDaemon
+) -> None:
+    (serial,) = site.pki.issue("bob")
+    site.configure(daemon={"debounce": "500ms"})
+    # Signed by easy-rsa as an operator would: file name carol, CN "Carol Phone".
+    easyrsa.run("--req-cn=Carol Phone", "gen-req", "carol", "nopass")
+    easyrsa.run("sign-req", "client", "carol")
+
+    daemon = certwarden_daemon_factory(site.config)  # starts: READY=1, not exit 65
+    easyrsa.run("revoke", "bob")
+
+    crl_path = site.pki.root / "crl.pem"
+    wait_until(lambda: int(serial, 16) in crl_serials(crl_path))
+    site.wait_for_event("revoked", "bob")
+    assert daemon.process is not None and daemon.process.poll() is None
+    assert "Traceback" not in daemon.log()
+    assert "is not allowed" not in daemon.log()
+
+    status = site.status()
+    (problem,) = [p for p in status["pki_problems"] if "'Carol Phone'" in p]
+    assert "is not a safe file name" in problem and "renew it by hand with easy-rsa" in problem
+    (record,) = [c for c in status["certificates"] if c["name"] == "Carol Phone"]
+    assert (record["renewable"], record["state"]) == (False, "manual")
+    assert status["needs_attention"] == []  # its renewal window is far ahead
+    human = site.cli("status")
+    assert human.returncode == 0, human.stderr
+    assert f"PKI: {problem}\n" in human.stdout
+    assert daemon.log().count("'Carol Phone'") == 1  # logged once, not at every reconcile
+    # A restart reads the same PKI: it starts again, without a restart loop.
+    assert daemon.stop() == 0
+    daemon.start()
+
+
+# ---- the exec plugin's timeouts and keys; [pki] on reload --------------------------------------
+
+
+def test_an_exec_timeout_the_hook_timeout_would_cut_short_is_refused_at_start_and_reload(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    # The dispatcher would abandon the call at hook_timeout (10s here) and retry it while the
+    # command still ran: two runs of the deploy hook at once.
+    def exec_with(timeout: str) -> dict[str, Any]:
+        command = {"on": ["issued"], "command": site.exec_command(), "timeout": timeout}
+        return {"exec": {"enabled": True, "commands": [command]}}
+
+    problem = "plugins.exec.commands[0].timeout: must be shorter than [daemon] hook_timeout (10s)"
+    site.configure(plugins=exec_with("10s"))
+    refused = site.cli("run")
+    assert refused.returncode == 78
+    assert refused.stderr == f"certwarden: error: {site.config}: {problem}\n"
+
+    site.configure(plugins=exec_with("9s"))
+    daemon = certwarden_daemon_factory(site.config)
+    site.configure(plugins=exec_with("10s"))
+    log_size = len(daemon.log())
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(
+        f"reload refused, keeping the running configuration: {problem}", after=log_size
+    )
+    site.configure(plugins=exec_with("9s"))  # for the CLI; the daemon kept it all along
+    site.cli("issue", "ivan").check_returncode()
+    site.wait_for_event("issued", "ivan")
+
+
+def test_exec_gets_no_key_for_an_old_certificate_revoked_by_serial_after_a_renewal(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    (old_serial,) = site.pki.issue("alice")
+    site.configure(on=["renewed", "revoked"])
+    certwarden_daemon_factory(site.config)
+    key_path = site.pki.root / "private" / "alice.key"
+
+    site.cli("renew", "alice").check_returncode()
+    renewed = site.wait_for_event("renewed", "alice")
+    site.cli("revoke", "alice", "--serial", old_serial).check_returncode()
+    revoked = site.wait_for_event("revoked", "alice")
+
+    # The renewal's key is the new certificate's, given.
+    assert renewed["CERTWARDEN_KEY"] == str(key_path)
+    cert = x509.load_pem_x509_certificate(Path(renewed["CERTWARDEN_CERT"]).read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert key.public_key() == cert.public_key()
+    # private/alice.key is still there, but it is not the revoked certificate's key.
+    assert revoked["CERTWARDEN_SERIAL"] == old_serial
+    assert serial_of(Path(revoked["CERTWARDEN_CERT"])) == old_serial
+    assert key_path.exists()
+    assert revoked["CERTWARDEN_KEY"] == ""
+
+
+def set_pki(config: Path, **values: str) -> None:
+    """Change keys of ``config``'s [pki] table."""
+    import tomllib
+
+    from certwarden.testing import render_toml
+
+    data = tomllib.loads(config.read_text())
+    data["pki"].update(values)
+    config.write_text(render_toml(data))
+
+
+def encrypt_ca_key(pki_dir: Path, old: bytes | None, new: bytes) -> None:
+    """Give private/ca.key the passphrase ``new`` (``old``: its passphrase now)."""
+    path = pki_dir / "private" / "ca.key"
+    key = serialization.load_pem_private_key(path.read_bytes(), password=old)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(new),
+        )
+    )
+
+
+def secret_file(path: Path, content: bytes, mode: int = 0o600) -> Path:
+    path.write_bytes(content + b"\n")
+    path.chmod(mode)
+    return path
+
+
+def test_sighup_applies_a_new_ca_passphrase_file_and_lock_timeout(
+    site: Site, certwarden_daemon_factory: StartDaemon
+) -> None:
+    (serial,) = site.pki.issue("bob")
+    encrypt_ca_key(site.pki.root, None, b"first passphrase")
+    first = secret_file(site.root / "ca-passphrase-1", b"first passphrase")
+    site.configure(on=["crl_published"])
+    set_pki(site.config, ca_passphrase_file=str(first), lock_timeout="10s")
+    daemon = certwarden_daemon_factory(site.config)
+    # The CA key gets a new passphrase, in a new file; the operator forgets the chmod first.
+    encrypt_ca_key(site.pki.root, b"first passphrase", b"second passphrase")
+    second = secret_file(site.root / "ca-passphrase-2", b"second passphrase", 0o644)
+    set_pki(site.config, ca_passphrase_file=str(second), lock_timeout="3s")
+
+    log_size = len(daemon.log())
+    daemon.signal(signal.SIGHUP)
+
+    log = daemon.wait_for_log("reload refused", after=log_size)[log_size:]
+    assert (
+        "reload refused, keeping the running configuration: pki.ca_passphrase_file: "
+        f"{second}: CA passphrase file is open to other users (mode 0644); "
+        f"run chmod 600 {second}"
+    ) in log
+    second.chmod(0o600)
+    log_size = len(daemon.log())
+    daemon.signal(signal.SIGHUP)
+    log = daemon.wait_for_log("configuration reloaded", after=log_size)[log_size:]
+    assert f"[pki] ca_passphrase_file changed from {first} to {second}: applied" in log
+    assert "[pki] lock_timeout changed from 10s to 3s: applied" in log
+    # The daemon signs the CRL of the next revocation with the key's new passphrase.
+    site.cli("revoke", "bob").check_returncode()
+    wait_until(lambda: int(serial, 16) in crl_serials(site.pki.root / "crl.pem"))
+    assert "wrong passphrase" not in daemon.log()

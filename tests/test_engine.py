@@ -7,6 +7,8 @@ store, and a real dispatcher delivering to a plugin that records what it receive
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from certwarden.config import Config, parse_config
 from certwarden.daemon import plugin_contexts
 from certwarden.dispatch import Dispatcher, RetryPolicy
 from certwarden.engine import Engine
+from certwarden.errors import LockHeld, MalformedFile
 from certwarden.events import (
     CAChanged,
     CertificateExpiring,
@@ -37,7 +40,8 @@ from certwarden.events import (
 )
 from certwarden.hookspecs import hookimpl
 from certwarden.pki.ca import CertificateAuthority, IssueRequest
-from certwarden.pki.store import PKIStore
+from certwarden.pki.export import BundleFormat
+from certwarden.pki.store import PKIStore, index_line
 from certwarden.plugin_manager import PluginSet
 from certwarden.state import StateStore
 
@@ -403,3 +407,76 @@ def test_a_certificate_copied_into_issued_is_adopted_and_announced(
     assert serial in index.read_text() and "mallory" not in index.read_text()
     assert (pki.root / "certs_by_serial" / f"{serial}.pem").read_bytes() == copy
     assert harness.reconcile() == []
+
+
+def test_a_hostile_name_in_index_txt_is_announced_expiring_never_renewed_nor_fatal(
+    pki: PKI, harness: Harness
+) -> None:
+    bob = issue(pki, "bob")
+    harness.reconcile()
+    # A line written by hand whose CN is no file name: `private/...key` must never be built.
+    not_after = pki.clock.now + timedelta(days=10)
+    with (pki.root / "index.txt").open("a") as index:
+        index.write(index_line("V", "7E57", not_after, "/CN=..") + "\n")
+    pki.ca.revoke("bob")
+
+    events = harness.reconcile() + harness.renew_due() + harness.renew_due()
+
+    assert kinds(events) == ["revoked", "issued", "expiring", "crl_published"]
+    expiring, published = events[2:]
+    assert isinstance(published, CRLPublished) and isinstance(expiring, CertificateExpiring)
+    crl = x509.load_pem_x509_crl(published.crl.pem())
+    assert crl.get_revoked_certificate_by_serial_number(int(bob, 16)) is not None
+    assert (expiring.cert.name, expiring.cert.serial) == ("..", "7E57")
+    assert "is not a safe file name" in expiring.reason
+    assert not (pki.root / "private" / "...key").exists()
+
+
+def test_an_events_bundle_with_a_malformed_block_in_ca_crt_is_a_one_line_pki_error(
+    pki: PKI, harness: Harness
+) -> None:
+    harness.reconcile()
+    issue(pki, "alice")
+    (event,) = harness.reconcile()
+    assert isinstance(event, CertificateIssued)
+    with (pki.root / "ca.crt").open("a") as chain:
+        chain.write("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+
+    with pytest.raises(MalformedFile) as raised:
+        event.cert.bundle(BundleFormat.PEM)
+
+    assert str(raised.value) == (
+        f"{pki.root / 'ca.crt'}: PEM block 2 (-----BEGIN CERTIFICATE-----) is not a readable "
+        "certificate; the file must hold the CA certificate and its chain only: fix or remove "
+        "that block"
+    )
+
+
+def test_a_certificate_in_issued_that_cannot_be_adopted_is_looked_at_once_per_file(
+    pki: PKI, harness: Harness, tmp_path: Path
+) -> None:
+    harness.reconcile()
+    other = CertificateAuthority(PKIStore(tmp_path / "other"))
+    other.init("another CA")
+    (stranger,) = other.issue([IssueRequest("mallory")])
+    copy = pki.root / "issued" / "mallory.crt"
+    copy.write_bytes(stranger.cert_path.read_bytes())
+    assert harness.reconcile() == []  # looked at, and left out of index.txt
+
+    # Looking again would take the PKI lock at every reconcile, and its lock.file wakes the
+    # daemon's watcher: a reconcile loop. Held by another process, it shows who takes it.
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (pki.root / "lock.file").write_text(f"{holder.pid}\n")
+        assert harness.reconcile() == []
+        rewritten = copy.with_name("mallory.new")
+        rewritten.write_bytes(copy.read_bytes())
+        rewritten.replace(copy)  # another file in its place: looked at again
+        with pytest.raises(LockHeld):
+            harness.reconcile()
+    finally:
+        holder.kill()
+        holder.wait()
+    (pki.root / "lock.file").unlink()
+    assert harness.reconcile() == []
+    assert "mallory" not in (pki.root / "index.txt").read_text()

@@ -15,7 +15,7 @@ from conftest import RunCli
 
 from certwarden.pki.ca import CertificateAuthority, IssueRequest
 from certwarden.pki.model import CertRecord, Profile, Status
-from certwarden.pki.store import PKIStore
+from certwarden.pki.store import PKIStore, index_line
 from certwarden.policy import RenewalPlan
 from certwarden.state import NewDelivery, StateStore
 from certwarden.status import (
@@ -425,3 +425,24 @@ def test_status_json_keeps_the_keys_scripts_read(site: Site) -> None:
     assert {"plugin", "event", "status", "attempts", "last_error", "since"} <= set(
         report["deliveries"][0]
     )
+
+
+def test_names_and_problems_from_index_txt_reach_the_terminal_escaped_and_json_exact(
+    site: Site,
+) -> None:
+    site.ca_at(timedelta(0)).issue([IssueRequest("alice", validity=timedelta(days=300))])
+    hostile = "evil\x1b[2J\x9b31m\x07"
+    with (site.pki.root / "index.txt").open("a") as index:
+        index.write(index_line("V", "7E57", NOW + timedelta(days=90), f"/CN={hostile}") + "\n")
+
+    _, text = site.text()
+    _, report = site.status()
+
+    assert text.replace("\n", "").isprintable(), text
+    shown = "evil\\x1b[2J\\x9b31m\\x07"
+    assert f"\n  {shown}  " in text  # its timeline row
+    assert f"PKI: certificate 7E57 (/CN={shown}): no file found" in text
+    assert f"PKI: certificate '{shown}' (serial 7E57): its name" in text
+    names = [c["name"] for c in report["certificates"]]
+    assert sorted(names) == sorted(["alice", hostile])
+    assert any(f"(/CN={hostile})" in problem for problem in report["pki_problems"])

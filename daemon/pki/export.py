@@ -10,12 +10,14 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from certwarden.errors import NotFound, PKIError, UsageError
+from certwarden.errors import MalformedFile, NotFound, PKIError, UsageError
 from certwarden.pki.index import format_serial
 from certwarden.pki.store import PKIStore
 from certwarden.pki.x509 import (
@@ -79,9 +81,39 @@ def load_identity(store: PKIStore, name: str) -> Identity:
     key = load_private_key(store.read_file(key_path), store.relative(key_path))
     if not same_public_key(cert.public_key(), key.public_key()):
         raise PKIError(f"private/{name}.key: does not belong to issued/{name}.crt")
-    chain_data = store.read_file(store.ca_cert_path)
-    chain = tuple(x509.load_pem_x509_certificate(block) for block in pem_blocks(chain_data))
+    chain = load_chain(store.read_file(store.ca_cert_path), store.relative(store.ca_cert_path))
     return Identity(name, cert, key, chain)
+
+
+def load_chain(data: bytes, where: str) -> tuple[x509.Certificate, ...]:
+    """Every certificate of ca.crt (``where`` names it): the CA, then any intermediates.
+
+    A block that is not a readable certificate (a truncated copy, a key pasted in by mistake)
+    is a one-line :class:`MalformedFile` naming the file and the block, never its content.
+    """
+    chain = []
+    for number, block in enumerate(pem_blocks(data), start=1):
+        try:
+            chain.append(x509.load_pem_x509_certificate(block))
+        except (ValueError, UnsupportedAlgorithm):
+            label = block.split(b"\n", 1)[0].decode("ascii", "replace")
+            shown = label if label.isprintable() and len(label) <= 40 else "-----BEGIN ...-----"
+            raise MalformedFile(
+                f"{where}: PEM block {number} ({shown}) is not a readable certificate; the "
+                "file must hold the CA certificate and its chain only: fix or remove that block"
+            ) from None
+    return tuple(chain)
+
+
+def password_text(secret: bytes, where: Path | str) -> str:
+    """A bundle password read from the file ``where`` as text; an error names the file and
+    never quotes the bytes (a decoding error's message would show one)."""
+    try:
+        return secret.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"{where}: the bundle password is not UTF-8 text; write it to the file as UTF-8"
+        ) from None
 
 
 def pem_bundle(identity: Identity) -> bytes:
