@@ -26,7 +26,7 @@ from certwarden import __version__
 from certwarden.errors import CertwardenError, ConfigError, UsageError
 from certwarden.pki.model import CertColumns, KeyType, Profile, Reason, Status
 from certwarden.pki.store import Listing, PKIStore
-from certwarden.terminal import echo_records, echo_table
+from certwarden.terminal import echo, echo_records, echo_table
 
 if TYPE_CHECKING:
     from certwarden.config import Config, Device
@@ -302,7 +302,7 @@ def revoke(app: App, name: str, reason: str | None, serial: str | None) -> None:
     """Revoke NAME's certificates. Publish a CRL next (`certwarden crl`) or let the daemon."""
     revoked = app.ca().revoke(name, Reason(reason) if reason else None, serial)
     for record in revoked:
-        click.echo(f"revoked {record.name} serial {record.serial}")
+        echo(f"revoked {record.name} serial {record.serial}")
 
 
 @cli.command()
@@ -661,7 +661,7 @@ def list_command(app: App, as_json: bool, show_all: bool) -> None:
     with _without_gc():
         listing = store.listing()
         for problem in listing.problems:
-            click.echo(f"certwarden: warning: {problem}", err=True)
+            echo(f"certwarden: warning: {problem}", err=True)
         if as_json:
             _echo_json(listing)
             return
@@ -807,17 +807,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = cli.main(args=list(argv) if argv is not None else None, standalone_mode=False)
     except CertwardenError as exc:
         if isinstance(exc, ConfigError) and len(exc.problems) > 1:
-            click.echo(f"certwarden: error: {exc.source} is invalid:", err=True)
+            echo(f"certwarden: error: {exc.source} is invalid:", err=True)
             for problem in exc.problems:
-                click.echo(f"  {problem}", err=True)
+                echo(f"  {problem}", err=True)
         else:
-            click.echo(f"certwarden: error: {exc}", err=True)
+            echo(f"certwarden: error: {exc}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.UsageError as exc:
         # Same one-line contract and exit code as our own UsageError (click's would be 2).
-        click.echo(f"certwarden: error: {UsageError(exc.format_message())}", err=True)
+        echo(f"certwarden: error: {UsageError(exc.format_message())}", err=True)
         return UsageError.exit_code
     except click.ClickException as exc:
         exc.show()

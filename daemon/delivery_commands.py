@@ -21,7 +21,7 @@ import click
 from certwarden.cli import App, pass_app
 from certwarden.errors import CertwardenError, UsageError
 from certwarden.state import Delivery, StateStore
-from certwarden.terminal import echo_table
+from certwarden.terminal import echo, echo_table
 
 F = TypeVar("F", bound=Callable[..., Any])
 RECENT = 50  # what `deliveries --all` shows unless --limit says otherwise
@@ -152,7 +152,7 @@ def _report(chosen: Sequence[Delivery], done: Sequence[int], did: str, skipped: 
     changed = set(done)
     for delivery in chosen:
         outcome = did if delivery.id in changed else f"{skipped} ({delivery.status}), left as is"
-        click.echo(f"delivery {delivery.id} ({_what(delivery)}): {outcome}")
+        echo(f"delivery {delivery.id} ({_what(delivery)}): {outcome}")
 
 
 def _what(delivery: Delivery) -> str:
