@@ -239,12 +239,11 @@ def init(app: App, cn: str, key_type: str, days: int | None, passphrase_file: Pa
     show_default=True,
 )
 @click.option("--san", multiple=True, help="DNS:name, IP:address or email:address (repeatable).")
-@click.option("--days", type=int, help="Validity in days [default: 825].")
+@click.option("--days", type=int, help="Validity in days [default: the profile's, or 825].")
 @click.option(
     "--key-type",
     type=click.Choice([k.value for k in KeyType]),
-    default=KeyType.EC_P256.value,
-    show_default=True,
+    help="Key algorithm [default: the profile's, or ec-p256].",
 )
 @click.option(
     "--csr",
@@ -258,19 +257,28 @@ def issue(
     profile: str,
     san: tuple[str, ...],
     days: int | None,
-    key_type: str,
+    key_type: str | None,
     csr: Path | None,
 ) -> None:
-    """Issue certificates for NAMES (a key is generated unless --csr is given)."""
+    """Issue certificates for NAMES (a key is generated unless --csr is given).
+
+    With a configuration, each certificate follows its [profiles.NAME] table, as the daemon's
+    renewals will: validity, key type and SANs, unless given as options.
+    """
     from certwarden.pki.ca import DEFAULT_CERT_VALIDITY, IssueRequest
 
     if csr is not None and len(names) > 1:
         raise UsageError("--csr signs one request: give exactly one name with it")
-    validity = _days(days, DEFAULT_CERT_VALIDITY)
-    requests = [
-        IssueRequest(name, Profile(profile), san, validity, KeyType(key_type), csr)
-        for name in names
-    ]
+    config = app.config(required=False)
+    requests = []
+    for name in names:
+        settings = config.profile_for(name, profile) if config is not None else None
+        validity = _days(days, settings.validity if settings else DEFAULT_CERT_VALIDITY)
+        key = KeyType(key_type) if key_type else settings.key_type if settings else None
+        sans = (*san, *(s for s in settings.sans if s not in san)) if settings else san
+        requests.append(
+            IssueRequest(name, Profile(profile), sans, validity, key or KeyType.EC_P256, csr)
+        )
     issued = app.ca().issue(requests)
     echo_records([item.record for item in issued])
 

@@ -632,8 +632,9 @@ class ProfileSettings(_Table):
         tuple[SubjectAltName, ...], DocHint(type="list of subject alternative names")
     ] = Field(
         default=(),
-        description="Subject alternative names added to every certificate of this profile: "
-        '`"DNS:name"`, `"IP:address"`, `"email:address"` or `"URI:uri"`.',
+        description="Subject alternative names added to every certificate `certwarden issue` "
+        'makes with this profile: `"DNS:name"`, `"IP:address"`, `"email:address"` or '
+        '`"URI:uri"`. A renewal keeps the certificate\'s own subject and SANs, as easy-rsa does.',
     )
 
     def renew_before_for(self, lifetime: timedelta) -> timedelta:

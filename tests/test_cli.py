@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 from conftest import RunCli
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 import certwarden
 from certwarden.pki.index import format_serial, parse_index
 from certwarden.pki.store import PKIStore, index_line
-from certwarden.testing import require_tool
+from certwarden.testing import require_tool, write_config
 
 SERIAL = re.compile(r"\A(?:[0-9A-F]{2})+\Z")
 
@@ -88,6 +89,42 @@ def test_issue_several_names_prints_one_row_each(root: Path, run_cli: RunCli) ->
         name, serial, status, _, profile = line.split()
         assert serial == format_serial(load_cert(root / "issued" / f"{name}.crt").serial_number)
         assert (status, profile) == ("valid", "client")
+
+
+def test_issue_with_a_configuration_follows_the_profile_unless_told_otherwise(
+    root: Path, tmp_path: Path, run_cli: RunCli
+) -> None:
+    config = write_config(
+        tmp_path / "certwarden.toml",
+        root,
+        tmp_path / "state",
+        profiles={
+            "kiosk": {
+                "kind": "client",
+                "names": ["kiosk-*"],
+                "validity": "30d",
+                "key_type": "rsa-2048",
+                "sans": ["URI:urn:example:kiosk"],
+            },
+            "client": {"validity": "90d"},
+        },
+    )
+    ok(run_cli, "--config", config, "issue", "kiosk-1", "alice")
+    ok(run_cli, "--config", config, "issue", "kiosk-2", "--days", "7", "--key-type", "ec-p256")
+
+    def lifetime(cert: x509.Certificate) -> timedelta:
+        return cert.not_valid_after_utc - cert.not_valid_before_utc
+
+    kiosk, alice, other = (
+        load_cert(root / "issued" / f"{n}.crt") for n in ("kiosk-1", "alice", "kiosk-2")
+    )
+    assert lifetime(kiosk) == timedelta(days=30, minutes=1)
+    assert isinstance(kiosk.public_key(), rsa.RSAPublicKey)
+    sans = kiosk.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert x509.UniformResourceIdentifier("urn:example:kiosk") in sans
+    assert lifetime(alice) == timedelta(days=90, minutes=1)
+    assert lifetime(other) == timedelta(days=7, minutes=1)
+    assert isinstance(other.public_key(), ec.EllipticCurvePublicKey)
 
 
 def test_issue_a_server_certificate_with_sans(root: Path, run_cli: RunCli) -> None:
