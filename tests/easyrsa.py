@@ -38,8 +38,29 @@ _REASONS = frozenset(
         "superseded",
         "cessationOfOperation",
         "certificateHold",
+        "removeFromCRL",
     }
 )
+# What `openssl ca -revoke` writes after the date besides a reason (apps/ca.c):
+# -crl_compromise / -crl_CA_compromise TIME (a GeneralizedTime as ASN1_GENERALIZEDTIME_set_string
+# accepts it) and -crl_hold OID (dotted or an object name).
+_REVOCATION_ARGUMENTS = {
+    "keyTime": re.compile(r"\d{12}(?:\d{2})?(?:\.\d+)?(?:Z|[+-]\d{4})"),
+    "CAkeyTime": re.compile(r"\d{12}(?:\d{2})?(?:\.\d+)?(?:Z|[+-]\d{4})"),
+    "holdInstruction": re.compile(r"\d+(?:\.\d+)+|[A-Za-z][A-Za-z0-9 ]*"),
+}
+
+# easy-rsa's organisational DN (--dn-mode=org): what `easyrsa build-client-full NAME` puts
+# in the subject besides the CN, as /C=DE/ST=BY/L=M/O=ACME/OU=Ops/CN=NAME/emailAddress=...
+ORG_DN = {
+    "EASYRSA_DN": "org",
+    "EASYRSA_REQ_COUNTRY": "DE",
+    "EASYRSA_REQ_PROVINCE": "BY",
+    "EASYRSA_REQ_CITY": "M",
+    "EASYRSA_REQ_ORG": "ACME",
+    "EASYRSA_REQ_OU": "Ops",
+    "EASYRSA_REQ_EMAIL": "frank@example.com",
+}
 
 
 class CommandFailed(AssertionError):
@@ -183,7 +204,13 @@ def _index_problems(pki_dir: Path) -> tuple[dict[str, tuple[str, str]], list[str
             problems.append(f"{where}: notAfter {not_after!r}")
         if status == "R":
             date, _, reason = revoked.partition(",")
-            if not _DATE.fullmatch(date) or (reason and reason not in _REASONS):
+            reason, _, argument = reason.partition(",")
+            pattern = _REVOCATION_ARGUMENTS.get(reason)
+            if not _DATE.fullmatch(date) or (
+                (reason and reason not in _REASONS and pattern is None)
+                or (pattern is None and argument)
+                or (pattern is not None and not pattern.fullmatch(argument))
+            ):
                 problems.append(f"{where}: revocation {revoked!r}")
         elif revoked:
             problems.append(f"{where}: status {status} with revocation {revoked!r}")
@@ -195,6 +222,11 @@ def _index_problems(pki_dir: Path) -> tuple[dict[str, tuple[str, str]], list[str
             problems.append(f"{where}: serial {serial} appears twice")
         entries[serial] = (status, subject)
     return entries, problems
+
+
+def index_problems(pki_dir: Path) -> list[str]:
+    """What is wrong with index.txt's lines for ``openssl ca`` (part of :func:`audit_pki`)."""
+    return _index_problems(Path(pki_dir))[1]
 
 
 def _key_matches(key_path: Path, cert_path: Path) -> bool:
@@ -222,7 +254,8 @@ def audit_pki(pki_dir: Path, *, keys_required: bool = True) -> list[str]:
             problems.append(f"{where}: serial {serial} is not in index.txt")
             return
         status, subject = index[serial]
-        if cn is not None and not subject.endswith(f"/CN={cn}"):
+        # the last CN (an organisational subject goes on after it, /emailAddress=...)
+        if cn is not None and re.findall(r"/CN=([^/]*)", subject)[-1:] != [cn]:
             problems.append(f"{where}: index.txt lists serial {serial} as {subject}")
         if status not in statuses:
             problems.append(f"{where}: index.txt status of {serial} is {status}")

@@ -17,14 +17,21 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.name import _ASN1Type
 from easyrsa import (
+    ORG_DN,
     EasyRSA,
     assert_openssl_ca_reads_index,
     audit_pki,
+    certwarden_command,
+    certwarden_environment,
+    index_problems,
     openssl,
     openssl_ca,
     openssl_serial,
+    run_command,
 )
 
 from certwarden.errors import LockHeld
@@ -32,6 +39,7 @@ from certwarden.pki.ca import CertificateAuthority, IssueRequest
 from certwarden.pki.lock import PKILock
 from certwarden.pki.model import KeyType, Profile, Reason, Status
 from certwarden.pki.store import PKIStore
+from certwarden.pki.x509 import _OPENSSL_SHORT_NAMES, _REASON_FLAGS, slash_subject
 
 
 def authority(pki: Path) -> CertificateAuthority:
@@ -215,11 +223,16 @@ def easyrsa_template(
     return pki
 
 
+def copied(template: Path, tmp_path: Path) -> Path:
+    """A copy of a PKI built once for the module, for one test to change."""
+    pki = tmp_path / "pki"
+    shutil.copytree(template, pki, symlinks=True)
+    return pki
+
+
 @pytest.fixture
 def pki_by_easyrsa(easyrsa_template: Path, tmp_path: Path) -> Path:
-    pki = tmp_path / "pki"
-    shutil.copytree(easyrsa_template, pki, symlinks=True)
-    return pki
+    return copied(easyrsa_template, tmp_path)
 
 
 def test_certwarden_lists_easyrsa_certificates(pki_by_easyrsa: Path) -> None:
@@ -519,3 +532,362 @@ def test_easyrsa_32_lock_file_with_live_pid_blocks_certwarden_until_it_dies(
     assert issued.record.status is Status.VALID
     assert not (small_pki / "lock.file").exists()
     assert audit_pki(small_pki) == []
+
+
+# ---- (f) every revocation openssl ca writes is in certwarden's CRL -----------------------------
+
+# name: the options of `openssl ca -revoke`, and what a CRL entry then holds
+# (reason, invalidity date, hold instruction OID)
+OPENSSL_REVOCATIONS: dict[
+    str, tuple[tuple[str, ...], tuple[str | None, str | None, str | None]]
+] = {
+    "plain": ((), (None, None, None)),
+    **{
+        f"reason-{reason.value}": (
+            ("-crl_reason", reason.value),
+            (_REASON_FLAGS[reason].value, None, None),
+        )
+        for reason in Reason
+    },
+    "compromise": (
+        ("-crl_compromise", "20260101000000Z"),
+        ("keyCompromise", "2026-01-01T00:00:00+00:00", None),
+    ),
+    "compromise-short": (  # openssl accepts the time without seconds, or with an offset
+        ("-crl_compromise", "202601010130+0100"),
+        ("keyCompromise", "2026-01-01T00:30:00+00:00", None),
+    ),
+    "ca-compromise": (
+        ("-crl_CA_compromise", "20250601120000Z"),
+        ("cACompromise", "2025-06-01T12:00:00+00:00", None),
+    ),
+    "hold-reject": (
+        ("-crl_hold", "holdInstructionReject"),
+        ("certificateHold", None, "1.2.840.10040.2.3"),
+    ),
+    "hold-call": (
+        ("-crl_hold", "1.2.840.10040.2.2"),
+        ("certificateHold", None, "1.2.840.10040.2.2"),
+    ),
+}
+
+
+CRLEntry = tuple[str, str | None, str | None, str | None]
+
+
+def crl_entries(path: Path) -> dict[int, CRLEntry | None]:
+    """serial -> (revocation date, reason, invalidity date, hold instruction) of a CRL; None
+    for an entry whose extensions cryptography cannot read."""
+    out: dict[int, CRLEntry | None] = {}
+    for entry in x509.load_pem_x509_crl(path.read_bytes()):
+        try:
+            reason = crl_reason(entry)
+        except ValueError:
+            # openssl ca writes -crl_compromise's time as it was typed, which need not be DER
+            # (202601010130+0100): cryptography refuses it. certwarden writes it in UTC.
+            out[entry.serial_number] = None
+            continue
+        invalidity = hold = None
+        for ext in entry.extensions:
+            if isinstance(ext.value, x509.InvalidityDate):
+                invalidity = ext.value.invalidity_date_utc.isoformat()
+            elif ext.oid.dotted_string == "2.5.29.23":
+                assert isinstance(ext.value, x509.UnrecognizedExtension)
+                hold = x509.ObjectIdentifier(  # the DER OID: 06 len arcs
+                    _dotted(ext.value.value[2:])
+                ).dotted_string
+        out[entry.serial_number] = (
+            entry.revocation_date_utc.isoformat(),
+            None if reason is None else reason.value,
+            invalidity,
+            hold,
+        )
+    return out
+
+
+def _dotted(body: bytes) -> str:
+    arcs, value = [], 0
+    for byte in body:
+        value = value << 7 | byte & 0x7F
+        if not byte & 0x80:
+            arcs.append(value)
+            value = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(map(str, [first, arcs[0] - 40 * first, *arcs[1:]]))
+
+
+def verify_with_crl(pki: Path, cert: Path) -> subprocess.CompletedProcess[str]:
+    return openssl(
+        "verify",
+        "-CAfile",
+        pki / "ca.crt",
+        "-crl_check",
+        "-CRLfile",
+        pki / "crl.pem",
+        cert,
+        check=False,
+    )
+
+
+def certwarden_cli(pki: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_command(certwarden_command(pki, *args), env=certwarden_environment())
+
+
+def test_every_openssl_ca_revocation_option_reaches_certwarden_crl(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    ca = authority(pki)
+    ca.init("revocation options CA")
+    names = [*OPENSSL_REVOCATIONS, "released", "good"]
+    ca.issue([IssueRequest(name) for name in names])
+    serials = {name: openssl_serial(pki / "issued" / f"{name}.crt") for name in names}
+    for name, (options, _) in OPENSSL_REVOCATIONS.items():
+        openssl_ca(pki, "-revoke", str(pki / "issued" / f"{name}.crt"), *options)
+    openssl_ca(pki, "-revoke", str(pki / "issued" / "released.crt"), "-crl_reason", "removeFromCRL")
+    theirs = tmp_path / "openssl-crl.pem"
+    openssl_ca(pki, "-gencrl", "-out", str(theirs))
+    assert_openssl_ca_reads_index(pki)
+    assert index_problems(pki) == []
+
+    crl = certwarden_cli(pki, "crl")
+
+    # Only the removeFromCRL line is left out, with a warning naming it.
+    (warning,) = [line for line in crl.stderr.splitlines() if "WARNING" in line or "warn" in line]
+    assert f"serial {serials['released']}: revocation reason removeFromCRL" in warning
+    ours = crl_entries(pki / "crl.pem")
+    openssl_entries = crl_entries(theirs)
+    for name, (_, expected) in OPENSSL_REVOCATIONS.items():
+        serial = int(serials[name], 16)
+        entry = ours[serial]
+        assert entry is not None and entry[1:] == expected, name
+        # the same entry as openssl ca -gencrl writes for that index.txt line
+        if name != "compromise-short":
+            assert entry == openssl_entries[serial], name
+    assert int(serials["released"], 16) not in ours
+    assert int(serials["good"], 16) not in ours
+    assert len(ours) == len(OPENSSL_REVOCATIONS)
+    text = openssl("crl", "-in", pki / "crl.pem", "-noout", "-text").stdout
+    for shown in ("Invalidity Date", "Hold Instruction Reject", "Hold Instruction Call Issuer"):
+        assert shown in text
+    for name in OPENSSL_REVOCATIONS:
+        refused = verify_with_crl(pki, pki / "issued" / f"{name}.crt")
+        assert refused.returncode != 0, name
+        assert "certificate revoked" in refused.stdout + refused.stderr, name
+    # nginx's openssl reads a removeFromCRL entry (openssl's own CRL has one) as not revoked:
+    # leaving it out of the CRL has the same effect.
+    assert verify_with_crl(pki, pki / "issued" / "released.crt").returncode == 0
+    assert verify_with_crl(pki, pki / "issued" / "good.crt").returncode == 0
+    inventory = PKIStore(pki).inventory()
+    for name, (_, (reason, _, _)) in OPENSSL_REVOCATIONS.items():
+        record = inventory.by_serial(serials[name])
+        assert record is not None and record.status is Status.REVOKED, name
+        assert (record.reason and _REASON_FLAGS[record.reason].value) == reason, name
+    listed = certwarden_cli(pki, "list", "--all").stdout
+    for name in OPENSSL_REVOCATIONS:
+        (row,) = [line for line in listed.splitlines() if line.split()[0] == name]
+        assert row.split()[2] == "revoked", row
+
+
+def test_a_hand_damaged_revoked_line_is_still_in_the_crl(tmp_path: Path) -> None:
+    """Fail closed: a revoked line certwarden cannot fully read is still revoked, with a
+    warning naming the line, instead of silently accepted again by nginx."""
+    pki = tmp_path / "pki"
+    ca = authority(pki)
+    ca.init("damaged index CA")
+    ca.issue([IssueRequest("mallory"), IssueRequest("trudy"), IssueRequest("good")])
+    serials = {
+        name: openssl_serial(pki / "issued" / f"{name}.crt") for name in ("mallory", "trudy")
+    }
+    index = pki / "index.txt"
+    lines = index.read_text().splitlines()
+    for number, text in enumerate(lines):
+        fields = text.split("\t")
+        if fields[3] == serials["mallory"]:  # an impossible date and an unknown reason
+            lines[number] = "\t".join(["R", fields[1], "261341125857Z,stolen", *fields[3:]])
+        elif fields[3] == serials["trudy"]:  # a serial in lowercase, a reason in capitals
+            lines[number] = "\t".join(
+                ["R", fields[1], "261127125857Z,KEYCOMPROMISE", fields[3].lower(), *fields[4:]]
+            )
+    index.write_text("\n".join(lines) + "\n")
+
+    crl = certwarden_cli(pki, "crl")
+
+    warnings = [line for line in crl.stderr.splitlines() if "index.txt:" in line]
+    assert any(
+        "revocation date '261341125857Z'" in w
+        and "listed without a reason" in w
+        and f"the CRL lists serial {serials['mallory']} anyway" in w
+        for w in warnings
+    ), crl.stderr
+    assert any(
+        f"read as {serials['trudy']}" in w and "listed as keyCompromise" in w for w in warnings
+    ), crl.stderr
+    entries = crl_entries(pki / "crl.pem")
+    mallory = entries[int(serials["mallory"], 16)]
+    assert mallory is not None and mallory[1:] == (None, None, None)
+    ours = x509.load_pem_x509_crl((pki / "crl.pem").read_bytes())
+    assert mallory[0] == ours.last_update_utc.isoformat()  # the CRL's own date stands in
+    trudy = entries[int(serials["trudy"], 16)]
+    assert trudy is not None and trudy[1] == "keyCompromise"
+    text = openssl("crl", "-in", pki / "crl.pem", "-noout", "-text").stdout
+    assert serials["mallory"] in text and serials["trudy"] in text
+    for name in ("mallory", "trudy"):
+        refused = verify_with_crl(pki, pki / "issued" / f"{name}.crt")
+        assert "certificate revoked" in refused.stdout + refused.stderr, name
+    assert verify_with_crl(pki, pki / "issued" / "good.crt").returncode == 0
+
+
+# ---- (g) subjects: renewal keeps them, index.txt writes them as openssl ca does --------------
+
+
+@pytest.fixture(scope="module")
+def org_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An easy-rsa PKI in organisational DN mode: frank (client) and api (server with SANs)."""
+    pki = tmp_path_factory.mktemp("easyrsa-org") / "pki"
+    easyrsa = EasyRSA(pki)
+    easyrsa.run("init-pki")
+    easyrsa.run("build-ca", "nopass", env={**ORG_DN, "EASYRSA_REQ_CN": "org test CA"})
+    easyrsa.run("build-client-full", "frank", "nopass", env=ORG_DN)
+    easyrsa.run(
+        "--subject-alt-name=DNS:api.example,IP:192.0.2.7",
+        "build-server-full",
+        "api",
+        "nopass",
+        env=ORG_DN,
+    )
+    return pki
+
+
+@pytest.fixture
+def org_pki(org_template: Path, tmp_path: Path) -> Path:
+    return copied(org_template, tmp_path)
+
+
+def load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_certwarden_renew_keeps_an_easyrsa_org_subject(org_pki: Path) -> None:
+    pki = org_pki
+    old = load(pki / "issued" / "frank.crt")
+    old_line = index_line_of(pki, openssl_serial(pki / "issued" / "frank.crt"))
+    assert old_line[5] == "/C=DE/ST=BY/L=M/O=ACME/OU=Ops/CN=frank/emailAddress=frank@example.com"
+
+    certwarden_cli(pki, "renew", "frank")
+
+    new = load(pki / "issued" / "frank.crt")
+    new_serial = openssl_serial(pki / "issued" / "frank.crt")
+    assert new_serial != old_line[3]
+    assert new.subject.public_bytes() == old.subject.public_bytes()
+    assert index_line_of(pki, new_serial)[5] == old_line[5]  # as openssl ca wrote it
+    shown = openssl(
+        "x509", "-in", pki / "issued" / "frank.crt", "-noout", "-subject", "-nameopt", "compat"
+    )
+    assert shown.stdout.strip() == "subject=" + old_line[5]
+    record = PKIStore(pki).inventory().current("frank")
+    assert record is not None and record.serial == new_serial and record.subject == old_line[5]
+    assert_openssl_ca_reads_index(pki)
+    assert audit_pki(pki) == []
+
+
+def test_certwarden_renew_keeps_the_subject_and_sans_of_an_org_server(org_pki: Path) -> None:
+    pki = org_pki
+    old = load(pki / "issued" / "api.crt")
+
+    (renewed,) = authority(pki).renew(["api"])
+
+    new = load(pki / "issued" / "api.crt")
+    assert new.subject == old.subject
+    assert (
+        renewed.record.subject
+        == index_line_of(pki, openssl_serial(pki / "renewed" / "issued" / "api.crt"))[5]
+    )
+    san = x509.SubjectAlternativeName
+    assert new.extensions.get_extension_for_class(san).value == (
+        old.extensions.get_extension_for_class(san).value
+    )
+    assert renewed.record.profile is Profile.SERVER
+    assert audit_pki(pki) == []
+
+
+RICH_SUBJECT = (
+    "/C=DE/ST=Bayern/L=M\u00fcnchen/O=AC\\/ME\\+Co/OU=Ops+serialNumber=42/CN=rich"
+    "/emailAddress=rich@example.com/title=Dr/GN=Ri/SN=Ch/DC=example/UID=u1/street=Main St 1"
+    "/postalCode=80331/pseudonym=r/organizationIdentifier=VATDE-1"
+)
+
+
+def test_index_subject_is_written_as_openssl_ca_writes_it(tmp_path: Path) -> None:
+    """openssl ca signs a request with a subject of many attributes (short names OpenSSL
+    knows, an OID it does not, a multi-valued RDN, escapes, UTF-8); its index.txt line is
+    the reference for slash_subject(), which certwarden writes when renewing it."""
+    pki = tmp_path / "pki"
+    ca = authority(pki)
+    ca.init("subject CA")
+    key, request = tmp_path / "rich.key", tmp_path / "rich.req"
+    extensions = tmp_path / "client.ext"
+    extensions.write_text("basicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n")
+    openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", key, "-out", request, "-utf8", "-multivalue-rdn", "-subj", RICH_SUBJECT,
+    )  # fmt: skip
+    openssl_ca(
+        pki, "-in", str(request), "-out", str(pki / "issued" / "rich.crt"), "-batch",
+        "-preserveDN", "-policy", "policy_anything", "-extfile", str(extensions),
+    )  # fmt: skip
+    shutil.copy(key, pki / "private" / "rich.key")
+    cert = load(pki / "issued" / "rich.crt")
+    openssl_line = index_line_of(pki, openssl_serial(pki / "issued" / "rich.crt"))
+    assert "\\xC3\\xBC" in openssl_line[5] and "/serialNumber=42+OU=Ops/" in openssl_line[5]
+
+    assert slash_subject(cert.subject) == openssl_line[5]
+
+    (renewed,) = ca.renew(["rich"])
+    assert index_line_of(pki, renewed.record.serial)[5] == openssl_line[5]
+    assert load(pki / "issued" / "rich.crt").subject == cert.subject
+    assert_openssl_ca_reads_index(pki)
+
+
+def test_slash_subject_is_x509_name_oneline_for_any_attribute_and_string_type(
+    tmp_path: Path,
+) -> None:
+    """What cryptography can build that openssl req cannot: an OID OpenSSL does not know, the
+    string types (BMPString as UTF-16 bytes), control characters, and every short name in
+    the table, each compared with OpenSSL's one-line form (X509_NAME_oneline(), which
+    `-nameopt compat` prints and `openssl ca` writes in index.txt)."""
+
+    def attribute(oid: str, value: str, kind: _ASN1Type) -> x509.NameAttribute[str]:
+        return x509.NameAttribute(x509.ObjectIdentifier(oid), value, _type=kind)
+
+    utf8 = _ASN1Type.UTF8String
+    rdns = [
+        x509.RelativeDistinguishedName([attribute("2.5.4.6", "DE", _ASN1Type.PrintableString)]),
+        x509.RelativeDistinguishedName([attribute("1.2.3.4.5", "odd/+\\ \x01\x7f", utf8)]),
+        x509.RelativeDistinguishedName([attribute("2.5.4.10", "M\u00fcller \u20ac", utf8)]),
+        x509.RelativeDistinguishedName([attribute("2.5.4.11", "Bmp\u00e9", _ASN1Type.BMPString)]),
+        x509.RelativeDistinguishedName(
+            [attribute("2.5.4.3", "a", utf8), attribute("2.5.4.5", "1", utf8)]
+        ),
+        *(
+            x509.RelativeDistinguishedName([attribute(oid, "v", utf8)])
+            for oid in _OPENSSL_SHORT_NAMES
+            if oid not in ("2.5.4.6", "1.3.6.1.4.1.311.60.2.1.3")  # two letters only
+        ),
+    ]
+    name = x509.Name(rdns)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = x509.CertificateBuilder(
+        issuer_name=name,
+        subject_name=name,
+        public_key=key.public_key(),
+        serial_number=1,
+        not_valid_before=now,
+        not_valid_after=now + timedelta(days=1),
+    ).sign(key, hashes.SHA256())
+    path = tmp_path / "name.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    shown = openssl("x509", "-in", path, "-noout", "-subject", "-nameopt", "compat").stdout
+
+    assert slash_subject(x509.load_pem_x509_certificate(path.read_bytes()).subject) == (
+        shown.strip().removeprefix("subject=")
+    )

@@ -59,16 +59,40 @@ date_texts = (
 def entries(draw: st.DrawFn) -> IndexEntry:
     status = draw(st.sampled_from(["V", "R", "E"]))
     name = draw(names)
+    reason = draw(st.none() | st.sampled_from(list(Reason))) if status == "R" else None
+    # openssl ca's -crl_compromise / -crl_CA_compromise TIME and -crl_hold OID forms
+    invalid_since = hold = None
+    if reason in (Reason.KEY_COMPROMISE, Reason.CA_COMPROMISE):
+        invalid_since = draw(st.none() | any_dates)
+    elif reason is Reason.CERTIFICATE_HOLD:
+        hold = draw(st.none() | st.sampled_from(["holdInstructionReject", "1.2.840.10040.2.2"]))
     return IndexEntry(
         status=status,
         not_after=draw(any_dates),
         revoked_at=draw(any_dates) if status == "R" else None,
-        reason=draw(st.none() | st.sampled_from(list(Reason))) if status == "R" else None,
+        reason=reason,
         serial=draw(serials),
         subject=draw(st.sampled_from(["/CN=", "/O=Example/CN="]).map(lambda s: s + name)),
         filename=draw(st.just("unknown") | free_text),
+        invalid_since=invalid_since,
+        hold_instruction=hold,
     )
 
+
+# The forms openssl ca writes besides DATE,REASON (all good), and ones close to them (not).
+REVOCATION_FORMS = [
+    "250101000000Z,keyTime,20241231000000Z",
+    "250101000000Z,CAkeyTime,202412310000Z",
+    "250101000000Z,keyTime,20241231000000.25+0100",
+    "250101000000Z,holdInstruction,holdInstructionReject",
+    "250101000000Z,holdInstruction,1.2.840.10040.2.2",
+    "250101000000Z,removeFromCRL",
+    "250101000000Z,keyTime",
+    "250101000000Z,keyTime,2024",
+    "250101000000Z,holdInstruction,CN",
+    "250101000000Z,KEYCOMPROMISE",
+    "250101000000Z,superseded,x",
+]
 
 # One field of a good line made wrong, or right in another way, to meet each check alone.
 FIELD_VALUES: tuple[st.SearchStrategy[str], ...] = (
@@ -78,6 +102,7 @@ FIELD_VALUES: tuple[st.SearchStrategy[str], ...] = (
     | date_texts,
     st.sampled_from(["", "250101000000Z", "20500101000000Z,superseded", "250101000000Z,"])
     | st.sampled_from(["250101000000Z,stolen", ",superseded", "250101000000Z,keyCompromise,"])
+    | st.sampled_from(REVOCATION_FORMS)
     | date_texts,
     st.sampled_from(["", "0", "0a", "ABC", "0G", "\u0660\u0661", "0A\r", "0A0"]) | serials,
     st.just("unknown") | free_text,
@@ -195,6 +220,7 @@ def line(*fields: str) -> str:
         line("R", "300101000000Z", "2501Z,superseded", "0F", "unknown", "/CN=a"),
         line("R", "300101000000Z", "250101000000Z,stolen", "0F", "unknown", "/CN=a"),
         line("R", "300101000000Z", ",superseded", "0F", "unknown", "/CN=a"),
+        *(line("R", "300101000000Z", form, "0F", "unknown", "/CN=a") for form in REVOCATION_FORMS),
         line("V", "300101000000Z", "250101000000Z", "0F", "unknown", "/CN=a"),
         line("E", "300101000000Z", "250101000000Z", "0F", "unknown", "/CN=a"),
         line("V", "300101000000Z", "", "03E8", "unknown", "/CN=a"),  # a serial seen before

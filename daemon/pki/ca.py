@@ -413,12 +413,15 @@ class CertificateAuthority:
             not_after = now + validity
         else:
             not_after = now - BACKDATE + (old.not_valid_after_utc - old.not_valid_before_utc)
+        # Same subject and SANs, as easy-rsa's renew: an organisation's DN (C, O, OU, ...,
+        # emailAddress) may be what nginx matches $ssl_client_s_dn against.
         template = CertificateTemplate(
             name=name,
             profile=kind if (kind := profile_of(old)) is not Profile.UNKNOWN else current.profile,
             sans=tuple(sans_of(old)),
             not_before=now - BACKDATE,
             not_after=_clamp(not_after, signer.cert),
+            subject=old.subject,
         )
         renewed = store.root / "renewed"
         tx.moves.append(Move.of_existing(cert_path, renewed / "issued" / f"{name}.crt"))
@@ -587,9 +590,11 @@ class CertificateAuthority:
             raise UsageError("CRL validity must be positive")
         with store.writing():
             signer = self._signer()
+            # Fails closed: every revoked line with a readable serial is an entry, however
+            # wrong the rest of it is; each warning says what the CRL made of its line.
             revoked, problems = store.read_revocations()
             for problem in problems:
-                log.warning("%s; the CRL leaves that line out", problem)
+                log.warning("%s", problem)
             now = self.clock()
             number = self._next_crl_number(now)
             # Backdated for clock skew, but by at most a quarter of the validity: a CRL of a

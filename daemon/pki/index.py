@@ -4,15 +4,23 @@ Each line has six TAB-separated fields: status (V, R or E), notAfter, revocation
 optional ``,reason``, serial (uppercase hex, even number of digits), a file name that is always
 ``unknown``, and the subject in OpenSSL's slash form. Dates are UTCTime (``YYMMDDHHMMSSZ``)
 before 2050 and GeneralizedTime (``YYYYMMDDHHMMSSZ``) from 2050 on; both may appear in one line.
+
+The revocation field is what ``openssl ca -revoke`` writes (apps/ca.c, make_revocation_str()),
+and reads back for ``-gencrl`` (unpack_revinfo()): ``DATE``, ``DATE,REASON`` (``-crl_reason``),
+``DATE,keyTime,TIME`` (``-crl_compromise TIME``: keyCompromise, TIME the invalidity date),
+``DATE,CAkeyTime,TIME`` (``-crl_CA_compromise TIME``: CACompromise likewise) or
+``DATE,holdInstruction,OID`` (``-crl_hold OID``: certificateHold with a hold instruction code).
+TIME is a GeneralizedTime as the operator typed it; OID a dotted OID or an OpenSSL object name.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import compress, repeat
 
 from certwarden.errors import MalformedFile
@@ -34,13 +42,24 @@ class IndexEntry:
     serial: str
     subject: str
     filename: str = "unknown"
+    # openssl ca's -crl_compromise / -crl_CA_compromise time (reason keyCompromise or
+    # CACompromise only), and -crl_hold's instruction as written (reason certificateHold only)
+    invalid_since: datetime | None = None
+    hold_instruction: str | None = None
 
     @property
     def common_name(self) -> str:
         return common_name(self.subject)
 
     def revoke(self, when: datetime, reason: Reason | None) -> IndexEntry:
-        return replace(self, status="R", revoked_at=when, reason=reason)
+        return replace(
+            self,
+            status="R",
+            revoked_at=when,
+            reason=reason,
+            invalid_since=None,
+            hold_instruction=None,
+        )
 
 
 def parse_date(text: str) -> datetime:
@@ -90,6 +109,68 @@ def format_date(when: datetime) -> str:
     return f"{when.year:04d}" + when.strftime("%m%d%H%M%SZ")
 
 
+def format_generalized_time(when: datetime) -> str:
+    """``YYYYMMDDHHMMSSZ`` in UTC, whatever the year (an invalidity date is always one)."""
+    when = when.astimezone(UTC)
+    return f"{when.year:04d}" + when.strftime("%m%d%H%M%SZ")
+
+
+# What ASN1_GENERALIZEDTIME_set_string() accepts, so what openssl ca writes for -crl_compromise:
+# seconds optional, fractional seconds, Z or an offset from UTC.
+_GENERALIZED_TIME = re.compile(
+    r"([0-9]{4})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})([0-9]{2})?(?:\.[0-9]+)?"
+    r"(Z|[+-][0-9]{4})",
+    re.ASCII,
+)
+
+
+def parse_generalized_time(text: str) -> datetime:
+    """A GeneralizedTime as openssl accepts it, in UTC, fractions of a second dropped."""
+    match = _GENERALIZED_TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(f"time {text!r} is not a GeneralizedTime (YYYYMMDDHHMMSSZ)")
+    year, month, day, hour, minute = (int(match[group]) for group in range(1, 6))
+    try:
+        when = datetime(year, month, day, hour, minute, int(match[6] or 0), tzinfo=UTC)
+        offset = match[7]
+        if offset != "Z":
+            hours, minutes = int(offset[1:3]), int(offset[3:5])
+            if hours > 23 or minutes > 59:
+                raise ValueError(f"offset {offset} is not a time zone")
+            shift = timedelta(hours=hours, minutes=minutes)
+            when = when - shift if offset[0] == "+" else when + shift
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"time {text!r}: {exc}") from None
+    return when
+
+
+HOLD_INSTRUCTIONS = {
+    # OpenSSL's short and long names of the instructions of RFC 5280 5.3.2 (and their arc)
+    **dict.fromkeys(("holdInstructionNone", "Hold Instruction None"), "1.2.840.10040.2.1"),
+    **dict.fromkeys(
+        ("holdInstructionCallIssuer", "Hold Instruction Call Issuer"), "1.2.840.10040.2.2"
+    ),
+    **dict.fromkeys(("holdInstructionReject", "Hold Instruction Reject"), "1.2.840.10040.2.3"),
+    **dict.fromkeys(("holdInstructionCode", "Hold Instruction Code"), "1.2.840.10040.2"),
+}
+_DOTTED_OID = re.compile(
+    r"(?:[01]\.(?:[0-9]|[1-3][0-9])|2\.(?:0|[1-9][0-9]*))(?:\.(?:0|[1-9][0-9]*))*"
+)
+
+
+def hold_instruction_oid(text: str) -> str:
+    """The dotted OID of a hold instruction as openssl ca writes it (an OID or its name)."""
+    oid = HOLD_INSTRUCTIONS.get(text)
+    if oid is not None:
+        return oid
+    if _DOTTED_OID.fullmatch(text):
+        return text
+    raise ValueError(
+        f"hold instruction {text!r} is neither a dotted OID nor one of "
+        "holdInstructionNone, holdInstructionCallIssuer, holdInstructionReject"
+    )
+
+
 def format_serial(serial: int) -> str:
     """Uppercase hex with an even number of digits, as ``openssl x509 -serial`` prints it."""
     text = f"{serial:X}"
@@ -128,6 +209,8 @@ def parse_line(line: str, where: str = "index.txt") -> IndexEntry:
         raise MalformedFile(f"{where}: subject {subject!r} is not in /CN=... form")
     revoked_at: datetime | None = None
     reason: Reason | None = None
+    invalid_since: datetime | None = None
+    hold: str | None = None
     if status == "R":
         date_text, _, reason_text = revoked_text.partition(",")
         try:
@@ -135,24 +218,78 @@ def parse_line(line: str, where: str = "index.txt") -> IndexEntry:
         except ValueError as exc:
             raise MalformedFile(f"{where}: revocation date: {exc}") from None
         if reason_text:
-            try:
-                reason = _REASONS[reason_text]
-            except KeyError:
-                raise MalformedFile(
-                    f"{where}: revocation reason {reason_text!r} is unknown; expected one of "
-                    + ", ".join(_REASONS)
-                ) from None
+            reason = _REASONS.get(reason_text)
+            if reason is None:
+                try:
+                    reason, invalid_since, hold = revocation_details(reason_text)
+                except ValueError as exc:
+                    raise MalformedFile(f"{where}: {exc}") from None
     elif revoked_text:
         raise MalformedFile(f"{where}: status {status} must not carry a revocation date")
-    return IndexEntry(status, not_after, revoked_at, reason, serial, subject, filename)
+    return IndexEntry(
+        status, not_after, revoked_at, reason, serial, subject, filename, invalid_since, hold
+    )
+
+
+_COMPROMISE_TIMES = {"keyTime": Reason.KEY_COMPROMISE, "CAkeyTime": Reason.CA_COMPROMISE}
+_TIME_OF_COMPROMISE = {reason: name for name, reason in _COMPROMISE_TIMES.items()}
+REMOVE_FROM_CRL = "removeFromCRL"
+# RFC 5280 5.3.1: removeFromCRL says, in a delta CRL only, that a certificate left the CRL (its
+# hold ended). A full CRL cannot carry it: certwarden's CRL leaves such a line out, which is
+# what openssl verify (and so nginx) makes of the entry openssl ca -gencrl writes for it.
+_REMOVED = (
+    "revocation reason removeFromCRL belongs in delta CRLs only, so the CRL leaves this "
+    "certificate out and TLS servers accept it; write another reason to revoke it, or make "
+    "the line V without a revocation date to take it off hold"
+)
+
+
+def revocation_details(text: str) -> tuple[Reason, datetime | None, str | None]:
+    """(reason, invalidity date, hold instruction) of what follows the revocation date's comma
+    in a line ``openssl ca`` wrote; ValueError naming what is wrong otherwise."""
+    reason = _REASONS.get(text)
+    if reason is not None:
+        return reason, None, None
+    name, comma, argument = text.partition(",")
+    if name in _COMPROMISE_TIMES:
+        if not comma:
+            raise ValueError(
+                f"revocation reason {name} must be followed by ,TIME of the compromise"
+            )
+        try:
+            invalid_since = parse_generalized_time(argument)
+        except ValueError as exc:
+            raise ValueError(f"{name}: compromise {exc}") from None
+        return _COMPROMISE_TIMES[name], invalid_since, None
+    if name == "holdInstruction":
+        if not comma:
+            raise ValueError("revocation reason holdInstruction must be followed by ,OID")
+        try:
+            hold_instruction_oid(argument)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        return Reason.CERTIFICATE_HOLD, None, argument
+    if text == REMOVE_FROM_CRL:
+        raise ValueError(_REMOVED)
+    raise ValueError(
+        f"revocation reason {text!r} is unknown; expected one of "
+        + ", ".join(_REASONS)
+        + ", or keyTime,TIME, CAkeyTime,TIME or holdInstruction,OID"
+    )
 
 
 def format_line(entry: IndexEntry) -> str:
     revoked = ""
     if entry.revoked_at is not None:
         revoked = format_date(entry.revoked_at)
-        if entry.reason is not None:
-            revoked += "," + entry.reason.value
+        reason = entry.reason
+        if entry.invalid_since is not None and reason in _TIME_OF_COMPROMISE:
+            revoked += f",{_TIME_OF_COMPROMISE[reason]},"
+            revoked += format_generalized_time(entry.invalid_since)
+        elif entry.hold_instruction is not None and reason is Reason.CERTIFICATE_HOLD:
+            revoked += ",holdInstruction," + entry.hold_instruction
+        elif reason is not None:
+            revoked += "," + reason.value
     return "\t".join(
         (
             entry.status,
@@ -216,7 +353,10 @@ which makes a block 40% quicker to parse than the whole file at once."""
 _NEWLINE_STATUSES = frozenset({"\nV", "\nR", "\nE"})
 _HEX_BYTES = b"0123456789ABCDEF"
 _DIGITS = b"0123456789"
-_REASON_TEXTS = frozenset({"", *_REASONS})  # "" is a revocation without a reason
+# "" is a revocation without a reason. openssl ca's other forms (keyTime,TIME, CAkeyTime,TIME,
+# holdInstruction,OID) are not here: a block holding one goes through parse_line(), which
+# reads them (rare enough that the bulk path need not).
+_REASON_TEXTS = frozenset({"", *_REASONS})
 # One ISO 8601 date per row, as datetime.isoformat() prints an index.txt date: the digits of
 # each date are copied into their places, a column at a time (bytearray slice assignment).
 _ISO_ROW = b"YYYY-MM-DDTHH:MM:SS+00:00\n"
@@ -406,64 +546,145 @@ def _iso_dates_of_width(texts: Sequence[str], width: int) -> list[str] | None:
     return dates
 
 
-Revocation = tuple[str, str, Reason | None]
-"""(serial hex, revocation date as index.txt writes it, reason): what a CRL entry needs."""
+Revocation = tuple[str, str | None, Reason | None, str | None, str | None]
+"""What a CRL entry needs: (serial hex, revocation date as index.txt writes it or None when it
+cannot be read, reason, invalidity date as YYYYMMDDHHMMSSZ, hold instruction as a dotted OID)."""
 
 
 def parse_revocations(text: str, source: str = "index.txt") -> tuple[list[Revocation], list[str]]:
-    """The revoked lines of an index.txt, checked like :func:`parse_line`, as CRL entries.
+    """The revoked lines of an index.txt as CRL entries, and warnings naming lines.
 
     The date stays text: index.txt already writes it in ASN.1 time syntax, so a CRL can hold
     it as it is. Parsing only what a CRL needs makes a 100k-line index quick to sign.
+
+    It fails closed: every line whose status starts with R (all ``openssl ca`` looks at) and
+    whose serial field holds hex digits becomes an entry, however wrong the rest is, with a
+    warning saying what the entry holds instead (no reason, or the CRL's own date when the
+    revocation date cannot be read). Only removeFromCRL lines are left out, on purpose (see
+    :func:`revocation_details`); and lines without a serial, which cannot be listed.
     """
     out: list[Revocation] = []
     problems: list[str] = []
     reasons = _REASONS
     for number, line in enumerate(text.split("\n"), start=1):
-        if not line.startswith("R\t"):
+        if not line.startswith("R"):
             continue
         fields = line.split("\t")
-        if len(fields) != 6:
-            problems.append(parse_error(line, f"{source}:{number}"))
-            continue
-        date, _, reason_text = fields[2].partition(",")
-        serial = fields[3]
-        try:
-            _check_date(date)
-        except ValueError:
-            problems.append(parse_error(line, f"{source}:{number}"))
-            continue
-        reason = reasons.get(reason_text) if reason_text else None
-        if (
-            (reason_text and reason is None)
-            or not serial
-            or len(serial) % 2
-            or not _HEX.issuperset(serial)
-        ):
-            problems.append(parse_error(line, f"{source}:{number}"))
-            continue
-        out.append((serial, date, reason))
+        if len(fields) == 6 and fields[0] == "R":
+            date, _, reason_text = fields[2].partition(",")
+            serial = fields[3]
+            reason = reasons.get(reason_text) if reason_text else None
+            if (
+                (reason is not None or not reason_text)
+                and serial
+                and not len(serial) % 2
+                and _HEX.issuperset(serial)
+                and _is_date(date)
+            ):
+                out.append((serial, date, reason, None, None))
+                continue
+        revocation, problem = _revocation_of(fields, f"{source}:{number}")
+        if revocation is not None:
+            out.append(revocation)
+        if problem:
+            problems.append(problem)
     return out, problems
 
 
-def _check_date(text: str) -> None:
-    """Raise ValueError unless ``text`` is a valid YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ date."""
+_HEX_ANY_CASE = frozenset("0123456789abcdefABCDEF")
+_FOLDED_REASONS = {
+    **{reason.value.lower(): reason for reason in Reason},
+    **{name.lower(): reason for name, reason in _COMPROMISE_TIMES.items()},
+    "holdinstruction": Reason.CERTIFICATE_HOLD,
+}
+
+
+def _revocation_of(fields: list[str], where: str) -> tuple[Revocation | None, str]:
+    """The CRL entry of an R line the quick checks refused, and the warning about it ("" when
+    it is a line openssl writes: a compromise time or a hold instruction)."""
+    # Where openssl ca reads them, whatever the number of fields: the 3rd and the 4th.
+    revocation_text = fields[2] if len(fields) > 2 else ""
+    serial_text = fields[3] if len(fields) > 3 else ""
+    complaints: list[str] = []
+    if fields[0] != "R":
+        complaints.append(f"status {fields[0]!r} is not R, but openssl ca takes it for R")
+    if len(fields) != 6:
+        complaints.append(f"expected 6 tab-separated fields, found {len(fields)}")
+    serial = serial_text.strip()
+    if not serial or not _HEX_ANY_CASE.issuperset(serial):
+        complaints.append(f"serial {serial_text!r} is not hex, so the CRL cannot list this line")
+        return None, f"{where}: " + "; ".join(complaints)
+    if serial != serial_text or len(serial) % 2 or not _HEX.issuperset(serial):
+        serial = serial.upper().zfill(len(serial) + len(serial) % 2)
+        complaints.append(f"serial {serial_text!r} read as {serial}")
+    date_text, _, reason_text = revocation_text.partition(",")
+    date: str | None = date_text
+    if not _is_date(date_text):
+        date = None
+        complaints.append(
+            f"revocation date {date_text!r} is not a valid YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ; "
+            "the CRL's own date stands for it"
+        )
+    reason: Reason | None = None
+    invalidity: str | None = None
+    hold: str | None = None
+    if reason_text:
+        try:
+            reason, invalid_since, hold_text = revocation_details(reason_text)
+        except ValueError as exc:
+            if reason_text.partition(",")[0].lower() == REMOVE_FROM_CRL.lower():
+                # What openssl reads as removeFromCRL (it ignores case and any argument).
+                complaints.append(_REMOVED)
+                return None, f"{where}: serial {serial}: " + "; ".join(complaints)
+            reason, invalid_since, hold_text, taken = _lenient_details(reason_text)
+            complaints.append(f"{exc}; {taken}")
+        invalidity = None if invalid_since is None else format_generalized_time(invalid_since)
+        hold = None if hold_text is None else hold_instruction_oid(hold_text)
+    if not complaints:
+        return (serial, date, reason, invalidity, hold), ""
+    problem = f"{where}: " + "; ".join(complaints) + f"; the CRL lists serial {serial} anyway"
+    return (serial, date, reason, invalidity, hold), problem
+
+
+def _lenient_details(text: str) -> tuple[Reason | None, datetime | None, str | None, str]:
+    """What a CRL entry can keep of a revocation reason :func:`revocation_details` refuses:
+    (reason, invalidity date, hold instruction, what was taken of it, for the warning)."""
+    name, _, argument = text.partition(",")
+    reason = _FOLDED_REASONS.get(name.lower())
+    if reason is None:
+        return None, None, None, "listed without a reason (unspecified)"
+    invalid_since: datetime | None = None
+    hold: str | None = None
+    kept = ""
+    if name.lower() in ("keytime", "cakeytime"):
+        try:
+            invalid_since = parse_generalized_time(argument)
+            kept = " with its compromise time"
+        except ValueError:
+            kept = " without a compromise time"
+    elif name.lower() == "holdinstruction":
+        try:
+            hold_instruction_oid(argument)
+            hold = argument
+            kept = " with its hold instruction"
+        except ValueError:
+            kept = " without a hold instruction"
+    return reason, invalid_since, hold, f"listed as {reason.value}{kept}"
+
+
+def _is_date(text: str) -> bool:
+    """Whether ``text`` is a valid YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ date."""
     n = len(text)
-    if n == 13 and text[12] == "Z" and text.isascii() and text[:12].isdigit():
-        _from_iso(("19" if text[0] >= "5" else "20") + text[:6] + "T" + text[6:12])
-    elif n == 15 and text[14] == "Z" and text.isascii() and text[:14].isdigit():
-        _from_iso(text[:8] + "T" + text[8:14])
-    else:
-        raise ValueError(text)
-
-
-def parse_error(line: str, where: str) -> str:
-    """The problem :func:`parse_line` reports for ``line`` (which must be malformed)."""
     try:
-        parse_line(line, where)
-    except MalformedFile as exc:
-        return str(exc)
-    return f"{where}: malformed line"
+        if n == 13 and text[12] == "Z" and text.isascii() and text[:12].isdigit():
+            _from_iso(("19" if text[0] >= "5" else "20") + text[:6] + "T" + text[6:12])
+        elif n == 15 and text[14] == "Z" and text.isascii() and text[:14].isdigit():
+            _from_iso(text[:8] + "T" + text[8:14])
+        else:
+            return False
+    except ValueError:  # the calendar: month 13, February 30, hour 24
+        return False
+    return True
 
 
 def render_index(entries: Iterable[IndexEntry]) -> str:

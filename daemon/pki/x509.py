@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
     PrivateKeyTypes,
 )
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.name import _ASN1Type
+from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, NameOID
 
-from certwarden.errors import MalformedFile, UsageError
-from certwarden.pki.index import Revocation, format_serial, parse_date
+from certwarden.errors import MalformedFile, PKIError, UsageError
+from certwarden.pki.index import Revocation, format_date, format_serial, parse_date
 from certwarden.pki.model import KeyType, Profile, Reason
 
 # The key types certwarden issues with and accepts (what easy-rsa and TLS clients use).
@@ -44,6 +45,9 @@ _REASON_EXTENSIONS = {
     reason: x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(flag))
     for reason, flag in _REASON_FLAGS.items()
 }
+# id-ce-holdInstructionCode (RFC 5280 5.3.2): cryptography has no class for it, so it is written
+# as an UnrecognizedExtension holding the instruction's DER OBJECT IDENTIFIER.
+HOLD_INSTRUCTION_CODE = x509.ObjectIdentifier("2.5.29.23")
 
 
 # What a CA's key may do: sign certificates and CRLs (and, for OCSP or TLS, data).
@@ -217,14 +221,115 @@ def subject_for(name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
 
 
+# The short names OpenSSL writes in index.txt (OBJ_nid2sn()) for the attributes a subject may
+# hold (checked against openssl x509 -nameopt compat); others are written as dotted OIDs, as
+# OpenSSL does for an OID it does not know.
+_OPENSSL_SHORT_NAMES = {
+    "2.5.4.3": "CN",
+    "2.5.4.4": "SN",
+    "2.5.4.5": "serialNumber",
+    "2.5.4.6": "C",
+    "2.5.4.7": "L",
+    "2.5.4.8": "ST",
+    "2.5.4.9": "street",
+    "2.5.4.10": "O",
+    "2.5.4.11": "OU",
+    "2.5.4.12": "title",
+    "2.5.4.13": "description",
+    "2.5.4.14": "searchGuide",
+    "2.5.4.15": "businessCategory",
+    "2.5.4.16": "postalAddress",
+    "2.5.4.17": "postalCode",
+    "2.5.4.18": "postOfficeBox",
+    "2.5.4.19": "physicalDeliveryOfficeName",
+    "2.5.4.20": "telephoneNumber",
+    "2.5.4.21": "telexNumber",
+    "2.5.4.22": "teletexTerminalIdentifier",
+    "2.5.4.23": "facsimileTelephoneNumber",
+    "2.5.4.24": "x121Address",
+    "2.5.4.25": "internationaliSDNNumber",
+    "2.5.4.26": "registeredAddress",
+    "2.5.4.27": "destinationIndicator",
+    "2.5.4.28": "preferredDeliveryMethod",
+    "2.5.4.29": "presentationAddress",
+    "2.5.4.30": "supportedApplicationContext",
+    "2.5.4.31": "member",
+    "2.5.4.32": "owner",
+    "2.5.4.33": "roleOccupant",
+    "2.5.4.34": "seeAlso",
+    "2.5.4.35": "userPassword",
+    "2.5.4.36": "userCertificate",
+    "2.5.4.37": "cACertificate",
+    "2.5.4.38": "authorityRevocationList",
+    "2.5.4.39": "certificateRevocationList",
+    "2.5.4.40": "crossCertificatePair",
+    "2.5.4.41": "name",
+    "2.5.4.42": "GN",
+    "2.5.4.43": "initials",
+    "2.5.4.44": "generationQualifier",
+    "2.5.4.45": "x500UniqueIdentifier",
+    "2.5.4.46": "dnQualifier",
+    "2.5.4.47": "enhancedSearchGuide",
+    "2.5.4.48": "protocolInformation",
+    "2.5.4.49": "distinguishedName",
+    "2.5.4.50": "uniqueMember",
+    "2.5.4.51": "houseIdentifier",
+    "2.5.4.52": "supportedAlgorithms",
+    "2.5.4.53": "deltaRevocationList",
+    "2.5.4.54": "dmdName",
+    "2.5.4.65": "pseudonym",
+    "2.5.4.72": "role",
+    "2.5.4.97": "organizationIdentifier",
+    "2.5.4.98": "c3",
+    "2.5.4.99": "n3",
+    "2.5.4.100": "dnsName",
+    "1.2.840.113549.1.9.1": "emailAddress",
+    "1.2.840.113549.1.9.2": "unstructuredName",
+    "1.2.840.113549.1.9.8": "unstructuredAddress",
+    "0.9.2342.19200300.100.1.1": "UID",
+    "0.9.2342.19200300.100.1.3": "mail",
+    "0.9.2342.19200300.100.1.25": "DC",
+    "1.3.6.1.4.1.311.60.2.1.1": "jurisdictionL",
+    "1.3.6.1.4.1.311.60.2.1.2": "jurisdictionST",
+    "1.3.6.1.4.1.311.60.2.1.3": "jurisdictionC",
+}
+# The bytes of a value as its string type encodes them (OpenSSL writes those bytes).
+_VALUE_ENCODINGS = {_ASN1Type.BMPString: "utf-16-be", _ASN1Type.UniversalString: "utf-32-be"}
+# Printable ASCII but / and + (which OpenSSL escapes with a backslash)
+_PLAIN = frozenset(chr(code) for code in range(0x20, 0x7F)) - {"/", "+"}
+
+
 def slash_subject(name: x509.Name) -> str:
-    """OpenSSL's one-line form (``/CN=alice``), as index.txt holds it."""
+    """OpenSSL's one-line form (``/CN=alice``), as ``openssl ca`` writes it in index.txt.
+
+    As X509_NAME_oneline() does: each attribute as /SHORTNAME=value, + instead of / between
+    the attributes of one multi-valued RDN, / and + in a value escaped with a backslash, and
+    every byte of the value outside printable ASCII as \\xHH.
+    """
     parts = []
     for rdn in name.rdns:
+        separator = "/"
         for attr in rdn:
-            short = attr.rfc4514_attribute_name
-            parts.append(f"/{short}={attr.value!s}")
+            oid = attr.oid.dotted_string
+            parts.append(f"{separator}{_OPENSSL_SHORT_NAMES.get(oid, oid)}={_oneline_value(attr)}")
+            separator = "+"
     return "".join(parts)
+
+
+def _oneline_value(attr: x509.NameAttribute[str | bytes]) -> str:
+    value = attr.value
+    if isinstance(value, str):
+        if _PLAIN.issuperset(value):
+            return value
+        value = value.encode(_VALUE_ENCODINGS.get(attr._type, "utf-8"))
+    return "".join(
+        f"\\{chr(byte)}"
+        if byte in b"/+"
+        else chr(byte)
+        if 0x20 <= byte < 0x7F
+        else f"\\x{byte:02X}"
+        for byte in value
+    )
 
 
 def build_ca(key: PrivateKey, common_name: str, now: datetime, days: int) -> x509.Certificate:
@@ -286,6 +391,7 @@ class CertificateTemplate:
     sans: tuple[x509.GeneralName, ...]
     not_before: datetime
     not_after: datetime
+    subject: x509.Name | None = None  # None: /CN=name (a renewal keeps the old subject)
 
 
 class Signer:
@@ -335,7 +441,9 @@ class Signer:
             )
         builder = x509.CertificateBuilder(
             issuer_name=self.cert.subject,
-            subject_name=subject_for(template.name),
+            subject_name=(
+                subject_for(template.name) if template.subject is None else template.subject
+            ),
             public_key=public,
             serial_number=serial,
             not_valid_before=template.not_before,
@@ -351,37 +459,53 @@ class Signer:
         last_update: datetime,
         next_update: datetime,
     ) -> x509.CertificateRevocationList:
-        """Sign a CRL of ``revoked`` entries: (serial hex, date as index.txt writes it, reason).
+        """Sign a CRL of ``revoked`` entries (see :data:`~certwarden.pki.index.Revocation`).
 
         cryptography signs the CRL without entries; the entries are written here in DER, put
         in place and signed again. Its builders cost ~4 us an entry (an object each, checked,
         then encoded again): seconds at 100k entries, slower than ``openssl ca -gencrl``. The
-        bytes are the same (tests/test_crl_encoding.py). Unusual entries (a serial of 0 or
-        over 159 bits) and other key types go through the builders as before.
+        bytes are the same (tests/test_crl_encoding.py). Other key types go through the
+        builders as before. An entry whose revocation date could not be read gets
+        ``last_update``: the CA knew of the revocation by then at the latest.
+
+        Extensions of an entry, in the order ``openssl ca -gencrl`` writes them: reasonCode,
+        invalidityDate (GeneralizedTime), holdInstructionCode.
         """
         extensions = [
             x509.Extension(x509.AuthorityKeyIdentifier.oid, False, self._aki),
             x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
         ]
-        encoded = _encode_revoked(revoked)
-        if encoded is not None:
-            header = x509.CertificateRevocationListBuilder(
-                issuer_name=self.cert.subject,
-                last_update=last_update,
-                next_update=next_update,
-                extensions=extensions,
-            ).sign(self.key, self.hash)
-            crl = _with_entries(header, encoded, self.key, self.hash)
-            if crl is not None:
-                return crl
+        header = x509.CertificateRevocationListBuilder(
+            issuer_name=self.cert.subject,
+            last_update=last_update,
+            next_update=next_update,
+            extensions=extensions,
+        ).sign(self.key, self.hash)
+        encoded = _encode_revoked(revoked, format_date(last_update))
+        crl = _with_entries(header, encoded, self.key, self.hash)
+        if crl is not None:
+            return crl
         entries: list[x509.RevokedCertificate] = []
-        for serial_hex, date, reason in revoked:
-            entry = x509.RevokedCertificateBuilder(
-                serial_number=int(serial_hex, 16), revocation_date=parse_date(date), extensions=[]
-            )
+        for serial_hex, date, reason, invalidity, hold in revoked:
+            try:
+                entry = x509.RevokedCertificateBuilder(
+                    serial_number=int(serial_hex, 16),
+                    revocation_date=last_update if date is None else parse_date(date),
+                    extensions=[],
+                )
+            except ValueError as exc:  # serial 0 or over 159 bits: cryptography refuses them
+                raise PKIError(
+                    f"index.txt: serial {serial_hex}: cannot be put in a CRL ({exc})"
+                ) from None
             if reason is not None:
                 ext = _REASON_EXTENSIONS[reason]
                 entry = entry.add_extension(ext.value, ext.critical)
+            if invalidity is not None:
+                entry = entry.add_extension(x509.InvalidityDate(parse_date(invalidity)), False)
+            if hold is not None:
+                entry = entry.add_extension(
+                    x509.UnrecognizedExtension(HOLD_INSTRUCTION_CODE, _der_oid(hold)), False
+                )
             entries.append(entry.build())
         # The constructor takes the whole list: add_revoked_certificate() copies the list on
         # every call, which makes 100k entries quadratic (seconds instead of milliseconds).
@@ -409,8 +533,8 @@ def _der(tag: int, body: bytes) -> bytes:
     return bytes((tag,)) + _der_length(len(body)) + body
 
 
-def _der_oid(oid: x509.ObjectIdentifier) -> bytes:
-    arcs = [int(arc) for arc in oid.dotted_string.split(".")]
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(arc) for arc in dotted.split(".")]
     body = bytearray()
     for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
         chunk = [arc & 0x7F]
@@ -440,29 +564,50 @@ def _der_children(tlv: bytes) -> list[bytes]:
     return children
 
 
-# crlEntryExtensions holding only a non-critical reasonCode, for each reason (none: nothing).
+def _der_extension(oid: x509.ObjectIdentifier, value: bytes) -> bytes:
+    """One non-critical Extension: SEQUENCE { extnID, extnValue OCTET STRING }."""
+    return _der(0x30, _der_oid(oid.dotted_string) + _der(0x04, value))
+
+
+# One reasonCode extension for each reason, and crlEntryExtensions holding only that.
+_REASON_DER = {
+    reason: _der_extension(ext.oid, ext.value.public_bytes())
+    for reason, ext in _REASON_EXTENSIONS.items()
+}
 _ENTRY_EXTENSIONS: dict[Reason | None, bytes] = {
     None: b"",
-    **{
-        reason: _der(0x30, _der(0x30, _der_oid(ext.oid) + _der(0x04, ext.value.public_bytes())))
-        for reason, ext in _REASON_EXTENSIONS.items()
-    },
+    **{reason: _der(0x30, der) for reason, der in _REASON_DER.items()},
 }
 
 
-def _encode_revoked(revoked: Iterable[Revocation]) -> list[bytes] | None:
-    """Each entry as DER; None if one is outside what the fast path encodes (see Signer.crl)."""
+def _entry_extensions(reason: Reason | None, invalidity: str | None, hold: str | None) -> bytes:
+    """crlEntryExtensions with an invalidity date (YYYYMMDDHHMMSSZ) or a hold instruction."""
+    parts = [] if reason is None else [_REASON_DER[reason]]
+    if invalidity is not None:
+        parts.append(
+            _der_extension(CRLEntryExtensionOID.INVALIDITY_DATE, _der(0x18, invalidity.encode()))
+        )
+    if hold is not None:
+        parts.append(_der_extension(HOLD_INSTRUCTION_CODE, _der_oid(hold)))
+    return _der(0x30, b"".join(parts))
+
+
+def _encode_revoked(revoked: Iterable[Revocation], fallback_date: str) -> list[bytes]:
+    """Each entry as DER; ``fallback_date`` (index.txt's syntax) for a date that is None.
+
+    Every serial is written, as ``openssl ca -gencrl`` does, even 0 or over 20 octets, which
+    RFC 5280 forbids and cryptography's builder refuses: a certificate index.txt says is
+    revoked must be in the CRL.
+    """
     out: list[bytes] = []
     append = out.append
     extensions = _ENTRY_EXTENSIONS
-    for serial_hex, date, reason in revoked:
-        serial = bytes.fromhex(serial_hex).lstrip(b"\0")  # DER INTEGERs are minimal
-        if not serial:
-            return None  # serial 0: not a valid certificate serial
+    for serial_hex, date, reason, invalidity, hold in revoked:
+        serial = bytes.fromhex(serial_hex).lstrip(b"\0") or b"\0"  # DER INTEGERs are minimal
         if serial[0] & 0x80:
             serial = b"\0" + serial  # positive INTEGER: a leading zero keeps the sign bit off
-        if len(serial) > 20:
-            return None
+        if date is None:
+            date = fallback_date
         # index.txt already writes ASN.1 time syntax; RFC 5280 wants UTCTime for 1950-2049
         # and GeneralizedTime otherwise, whichever form the line used.
         if len(date) == 13:
@@ -471,10 +616,16 @@ def _encode_revoked(revoked: Iterable[Revocation]) -> list[bytes] | None:
             when = b"\x17\x0d" + date[2:].encode()
         else:
             when = b"\x18\x0f" + date.encode()
-        ext = extensions[reason]
-        body = b"\x02" + bytes((len(serial),)) + serial + when + ext
-        # At most 22 + 17 + 14 bytes: the length always fits the one-byte form.
-        append(b"\x30" + bytes((len(body),)) + body)
+        if invalidity is None and hold is None:
+            ext = extensions[reason]
+        else:
+            ext = _entry_extensions(reason, invalidity, hold)
+        size = len(serial)
+        body = b"\x02" + (bytes((size,)) if size < 0x80 else _der_length(size)) + serial
+        body += when + ext
+        # Usually at most 22 + 17 + 14 bytes: the length fits the one-byte form.
+        size = len(body)
+        append(b"\x30" + (bytes((size,)) if size < 0x80 else _der_length(size)) + body)
     return out
 
 
