@@ -15,11 +15,13 @@ import hashlib
 import os
 import secrets
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from certwarden.errors import AlreadyExists, StorageError
 
 TEMP_PREFIX = ".certwarden-tmp-"
+NOTHING_CHANGED = "nothing was changed"  # what a StorageError says when that is so
 
 _libc: ctypes.CDLL | None
 try:
@@ -41,12 +43,43 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _storage_error(path: Path, exc: OSError) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        return StorageError(f"{path}: no space left on device; free some space and retry")
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StorageError(f"{path}: cannot write ({exc.strerror}); check permissions and mounts")
-    return StorageError(f"{path}: {exc.strerror or exc}")
+class WriteError(StorageError):
+    """Writing ``path`` failed with ``cause``: ``path: problem; [outcome; ]advice``.
+
+    A caller that knows what became of the whole write says so with :meth:`saying`: nothing
+    was changed, or the write is journaled and completes later.
+    """
+
+    def __init__(
+        self, path: Path, cause: OSError, outcome: str | None = None, advice: str | None = None
+    ) -> None:
+        self.path = path
+        self.cause = cause
+        if cause.errno == errno.ENOSPC:
+            problem, default_advice = "no space left on device", "free some space and retry"
+        elif cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            problem = f"cannot write ({cause.strerror})"
+            default_advice = "check permissions and mounts"
+        else:
+            problem, default_advice = str(cause.strerror or cause), ""
+        parts = (f"{path}: {problem}", outcome, default_advice if advice is None else advice)
+        super().__init__("; ".join(part for part in parts if part))
+
+    @property
+    def no_space(self) -> bool:
+        return self.cause.errno == errno.ENOSPC
+
+    def saying(self, outcome: str, advice: str | None = None) -> WriteError:
+        """This error with what became of the write (``advice`` None: the default one)."""
+        return WriteError(self.path, self.cause, outcome, advice)
+
+
+def _fsync_dir_of(path: Path) -> None:
+    """fsync_dir(path.parent), failing with a StorageError naming ``path``."""
+    try:
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
 
 
 def _write_temp(directory: Path, final_name: str, data: bytes, mode: int, sync: bool) -> Path:
@@ -54,7 +87,7 @@ def _write_temp(directory: Path, final_name: str, data: bytes, mode: int, sync: 
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     except OSError as exc:
-        raise _storage_error(directory / final_name, exc) from exc
+        raise WriteError(directory / final_name, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -66,7 +99,7 @@ def _write_temp(directory: Path, final_name: str, data: bytes, mode: int, sync: 
     except OSError as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
-        raise _storage_error(directory / final_name, exc) from exc
+        raise WriteError(directory / final_name, exc) from exc
     return temp
 
 
@@ -78,8 +111,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
-        raise _storage_error(path, exc) from exc
-    fsync_dir(path.parent)
+        raise WriteError(path, exc) from exc
+    _fsync_dir_of(path)
 
 
 def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -91,11 +124,11 @@ def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     except FileExistsError:
         raise AlreadyExists(f"{path}: already exists; refusing to overwrite it") from None
     except OSError as exc:
-        raise _storage_error(path, exc) from exc
+        raise WriteError(path, exc) from exc
     finally:
         with contextlib.suppress(OSError):
             temp.unlink()
-    fsync_dir(path.parent)
+    _fsync_dir_of(path)
 
 
 def read_text_if_exists(path: Path) -> str | None:
@@ -129,30 +162,39 @@ class StagedFiles:
     """Files written to temporary names now, made durable with one sync, moved later.
 
     ``stage()`` each file, ``sync()`` once; the resulting moves go into a journal before
-    ``apply_moves()`` puts them in place.
+    ``apply_moves()`` puts them in place. A file that cannot be staged fails with a
+    StorageError saying that nothing was changed: the caller ``discard()``s the others.
     """
 
     def __init__(self) -> None:
         self.moves: list[Move] = []
 
     def stage(self, path: Path, data: bytes, mode: int = 0o644) -> None:
-        temp = _write_temp(path.parent, path.name, data, mode, sync=_libc is None)
+        try:
+            temp = _write_temp(path.parent, path.name, data, mode, sync=_libc is None)
+        except WriteError as exc:
+            # Staged files are seen by no one until moved; the caller discards the others.
+            raise exc.saying(NOTHING_CHANGED) from exc
         self.moves.append(Move(temp, path, hashlib.sha256(data).hexdigest()))
 
-    def sync(self) -> None:
-        """Make every staged file durable with one syncfs() per file system."""
-        if _libc is None or not self.moves:
+    def sync(self, *others: StagedFiles) -> None:
+        """Make every file staged here and in ``others`` durable with one syncfs() per file
+        system."""
+        if _libc is None:
             return
         done: set[int] = set()
-        for move in self.moves:
-            device = move.source.stat().st_dev
-            if device in done:
-                continue
-            fd = os.open(move.source, os.O_RDONLY)
+        for move in chain(self.moves, *(other.moves for other in others)):
+            try:
+                device = move.source.stat().st_dev
+                if device in done:
+                    continue
+                fd = os.open(move.source, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise WriteError(move.target, exc) from exc
             try:
                 if _libc.syncfs(fd) != 0:
                     err = ctypes.get_errno()
-                    raise _storage_error(move.source, OSError(err, os.strerror(err)))
+                    raise WriteError(move.target, OSError(err, os.strerror(err)))
             finally:
                 os.close(fd)
             done.add(device)
@@ -184,8 +226,11 @@ def apply_moves(moves: list[Move], *, replay: bool = False) -> None:
         try:
             os.replace(move.source, move.target)
         except OSError as exc:
-            raise _storage_error(move.target, exc) from exc
+            raise WriteError(move.target, exc) from exc
         folders.add(move.target.parent)
         folders.add(move.source.parent)
     for folder in folders:
-        fsync_dir(folder)
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            raise WriteError(folder, exc) from exc

@@ -458,6 +458,12 @@ def _export_command() -> click.Command:
             type=click.Path(path_type=Path, dir_okay=False, exists=True),
             help="PKCS#12 password; one is generated and shown once when not given.",
         ),
+        click.option(
+            "--key-passphrase-file",
+            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            help="Passphrase of NAME's private key, when it is encrypted (easy-rsa without "
+            "nopass).",
+        ),
         _mobileconfig_options,
         pass_app,
     )
@@ -474,6 +480,7 @@ def export(
     fmt: str,
     out: Path,
     password_file: Path | None,
+    key_passphrase_file: Path | None,
     identifier_prefix: str | None,
     display_name: str | None,
     organization: str | None,
@@ -504,7 +511,12 @@ def export(
     if given and bundle_format is not BundleFormat.MOBILECONFIG:
         option = "--" + given[0].replace("_", "-")
         raise UsageError(f"{option}: only for --format mobileconfig")
-    identity = load_identity(app.store(), name)
+    key_passphrase = None
+    if key_passphrase_file is not None:
+        from certwarden.config import read_secret
+
+        key_passphrase = read_secret(key_passphrase_file, "key passphrase")
+    identity = load_identity(app.store(), name, key_passphrase)
     password: str | None = None
     generated = False
     if bundle_format is not BundleFormat.PEM:

@@ -79,7 +79,8 @@ class LockHeld(PKIError):
 
 
 class StorageError(CertwardenError):
-    """Writing failed (full disk, read-only file system); nothing was changed."""
+    """Writing failed (full disk, read-only file system). The message says whether nothing
+    was changed or the write is journaled and completes at the next certwarden write."""
 
     exit_code = 74  # EX_IOERR
 

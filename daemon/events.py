@@ -117,7 +117,12 @@ class CertificateInfo:
     def identity(self) -> Identity:
         """Certificate, key and chain; fails if the key here belongs to another certificate."""
         cert = self.certificate()
-        key = load_private_key(_read(self.key_path), str(self.key_path))
+        key = load_private_key(
+            _read(self.key_path),
+            str(self.key_path),
+            if_encrypted=f"certwarden cannot put it in a bundle; `certwarden renew {self.name}` "
+            "gives the certificate a new, unencrypted key",
+        )
         if not same_public_key(cert.public_key(), key.public_key()):
             raise PKIError(
                 f"{self.key_path}: belongs to a newer certificate of {self.name}; "

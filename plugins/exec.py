@@ -22,9 +22,6 @@ import time
 from datetime import timedelta
 from typing import Literal, get_args
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from pydantic import BaseModel, ConfigDict, Field
 
 from certwarden.config import (
@@ -47,7 +44,7 @@ from certwarden.events import (
     Event,
 )
 from certwarden.hookspecs import PluginContext, hookimpl
-from certwarden.pki.x509 import load_csr
+from certwarden.pki.x509 import public_key_of_key_file, same_public_key
 
 EventName = Literal["issued", "renewed", "revoked", "expiring", "crl_published", "ca_changed"]
 MAX_OUTPUT = 300  # characters of a failing command's output kept in the delivery record
@@ -139,43 +136,20 @@ class ExecFailed(CertwardenError):
     pass
 
 
-def _public_key_of_key_file(cert: CertificateInfo) -> PublicKeyTypes | None:
-    """The public key of ``private/NAME.key``; for an encrypted key, that of the request made
-    with it (``reqs/NAME.req``). None when neither can be read."""
-    try:
-        data = cert.key_path.read_bytes()
-    except OSError:
-        return None
-    try:
-        return serialization.load_pem_private_key(data, password=None).public_key()
-    except TypeError:  # encrypted: easy-rsa's gen-req wrote its request next to it
-        pass
-    except (ValueError, UnsupportedAlgorithm):
-        return None
-    request = cert.pki_dir / "reqs" / f"{cert.name}.req"
-    try:
-        return load_csr(request.read_bytes(), str(request)).public_key()
-    except (OSError, CertwardenError):
-        return None
-
-
-def _spki(key: PublicKeyTypes) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def key_of(cert: CertificateInfo) -> str:
     """The path of ``cert``'s private key, or "" when ``private/NAME.key`` is missing or is
     the key of another certificate of that name (a newer one, after a renewal)."""
     if not cert.has_key():
         return ""
+    request = cert.pki_dir / "reqs" / f"{cert.name}.req"
     try:
         public = cert.certificate().public_key()
+        key_public = public_key_of_key_file(
+            cert.key_path.read_bytes(), request.read_bytes() if request.exists() else None
+        )
     except (OSError, CertwardenError):
         return ""
-    key_public = _public_key_of_key_file(cert)
-    if key_public is None or _spki(key_public) != _spki(public):
+    if key_public is None or not same_public_key(key_public, public):
         return ""
     return str(cert.key_path)
 

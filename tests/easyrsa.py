@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from certwarden.pki.easyrsa_conf import EASYRSA_PROGRAMS, OPENSSL_CA_ENV
+from certwarden.pki.x509 import public_key_of_key_file, same_public_key
 from certwarden.testing import require_tool
 
 TEMP_PREFIX = ".certwarden-tmp-"
@@ -230,11 +230,14 @@ def index_problems(pki_dir: Path) -> list[str]:
 
 
 def _key_matches(key_path: Path, cert_path: Path) -> bool:
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    """Whether the key belongs to the certificate; an encrypted key (easy-rsa without nopass)
+    is judged by the request made with it."""
+    request = key_path.parent.parent / "reqs" / f"{key_path.stem}.req"
+    public = public_key_of_key_file(
+        key_path.read_bytes(), request.read_bytes() if request.exists() else None
+    )
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    return key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+    return public is not None and same_public_key(public, cert.public_key())
 
 
 def audit_pki(pki_dir: Path, *, keys_required: bool = True) -> list[str]:

@@ -7,6 +7,7 @@ must be one that easy-rsa and ``openssl ca`` accept, and the reverse.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import RunCli
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.name import _ASN1Type
 from easyrsa import (
     ORG_DN,
@@ -891,3 +894,39 @@ def test_slash_subject_is_x509_name_oneline_for_any_attribute_and_string_type(
     assert slash_subject(x509.load_pem_x509_certificate(path.read_bytes()).subject) == (
         shown.strip().removeprefix("subject=")
     )
+
+
+# ---- keys easy-rsa encrypted (built without nopass) -------------------------------------------
+
+
+def test_an_encrypted_easyrsa_key_is_exported_with_its_passphrase_and_kept_on_renewal(
+    pki_by_easyrsa: Path, tmp_path: Path, run_cli: RunCli
+) -> None:
+    pki = pki_by_easyrsa
+    EasyRSA(pki).run("build-client-full", "frank", env={"EASYRSA_PASSOUT": "pass:frank-secret"})
+    key = (pki / "private" / "frank.key").read_bytes()
+    assert key.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    passphrase = tmp_path / "frank-passphrase"
+    passphrase.write_text("frank-secret\n")
+    passphrase.chmod(0o600)
+    bundle = tmp_path / "frank.p12"
+    export: list[str | Path] = ["--pki", pki, "export", "frank", "--format", "p12", "--out", bundle]
+
+    code, _, err = run_cli(export)
+    assert code == 65
+    assert err == (
+        "certwarden: error: private/frank.key: the key is encrypted; give its passphrase with "
+        "--key-passphrase-file\n"
+    )
+    code, out, err = run_cli([*export, "--key-passphrase-file", passphrase])
+    assert code == 0, err
+    [password] = re.findall(r"^password: (\S+)$", out, re.MULTILINE)
+    exported_key, cert, _ = pkcs12.load_key_and_certificates(bundle.read_bytes(), password.encode())
+    assert exported_key is not None and cert is not None
+    assert "frank-secret" not in out + err
+
+    # --keep-key checks the key through its request, never decrypting or rewriting it.
+    (renewed,) = authority(pki).renew(["frank"], keep_key=True)
+    assert (pki / "private" / "frank.key").read_bytes() == key
+    assert renewed.record.serial == openssl_serial(pki / "issued" / "frank.crt")
+    assert audit_pki(pki, keys_required=False) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -20,11 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
-from easyrsa import EasyRSA, audit_pki
+from easyrsa import EasyRSA, audit_pki, certwarden_environment
 
+import certwarden.atomicfile
 import certwarden.pki.lock
 import certwarden.pki.store
-from certwarden.atomicfile import TEMP_PREFIX, Move, apply_moves
+from certwarden.atomicfile import TEMP_PREFIX, Move, WriteError, apply_moves
 from certwarden.errors import (
     AlreadyExists,
     InsecurePermissions,
@@ -822,42 +824,236 @@ def fill(filesystem: Path, leave_free: int, page: int) -> Path:
     return filler
 
 
+def new_pki_on(filesystem: Path, clock: Clock) -> PKI:
+    store = PKIStore(filesystem / "pki", lock_timeout=0.5)
+    ca = CertificateAuthority(store, clock)
+    ca.init()
+    return PKI(store, ca, clock)
+
+
+# What issuing one certificate writes before its journal, each telling its file from the one a
+# StorageError names (relative to the PKI).
+WRITES_BEFORE_THE_JOURNAL: dict[str, Callable[[Path], bool]] = {
+    "lock": lambda path: path == Path("lock.file"),
+    "key": lambda path: path == Path("private/bob.key"),
+    "copy by serial": lambda path: path.parent == Path("certs_by_serial"),
+    "certificate": lambda path: path == Path("issued/bob.crt"),
+    "index": lambda path: path == Path("index.txt"),
+    "serial": lambda path: path == Path("serial"),
+    "journal": lambda path: path == Path(".certwarden/journal.json"),
+}
+
+
+def named_file(pki: PKI, error: StorageError) -> Path:
+    """The file a StorageError's message starts with, relative to the PKI."""
+    where, _, _ = str(error).partition(": ")
+    return Path(where).relative_to(pki.root)
+
+
 @pytest.mark.usefixtures("can_mount_tmpfs")
-def test_a_full_disk_raises_storage_error_and_never_leaves_a_half_write(
-    tmp_path: Path, clock: Clock
+@pytest.mark.parametrize("point", list(WRITES_BEFORE_THE_JOURNAL))
+def test_a_full_disk_before_the_journal_changes_nothing_and_says_so(
+    tmp_path: Path, clock: Clock, point: str
 ) -> None:
     page = os.sysconf("SC_PAGE_SIZE")
-    # 32 pages hold a new PKI and one more certificate with its journal, not much more;
-    # each round leaves a different number of pages free so every write in turn fails.
-    outcomes: list[str] = []
-    for free in range(12):
+    is_point = WRITES_BEFORE_THE_JOURNAL[point]
+    # Each file takes a page of the tmpfs: with one page more free each round, the write
+    # fails one file later, until it fails at ``point``. Every failure on the way must leave
+    # the PKI as it was, too. 32 pages hold a new PKI and a little more.
+    failed_at: list[Path] = []
+    for free in range(len(WRITES_BEFORE_THE_JOURNAL) + 4):
         with tmpfs(tmp_path / f"fs{free}", 32 * page) as filesystem:
-            store = PKIStore(filesystem / "pki", lock_timeout=0.5)
-            ca = CertificateAuthority(store, clock)
-            ca.init()
-            before = snapshot(store.root)
+            pki = new_pki_on(filesystem, clock)
+            before = snapshot(pki.root)
             filler = fill(filesystem, free, page)
+            with pytest.raises(StorageError) as raised:
+                issue(pki, "bob")
+            # Byte for byte: index.txt, serial, issued/, private/, certs_by_serial/, and no
+            # temporary file, journal or lock.file left.
+            assert snapshot(pki.root) == before
+            message = str(raised.value)
+            failed_at.append(named_file(pki, raised.value))
+            assert message.startswith(f"{pki.root / failed_at[-1]}: "), message
+            assert "no space left on device" in message.lower(), message
+            assert "; nothing was changed" in message, message
+            assert "journal" not in message.partition(": ")[2], message
+            assert raised.value.exit_code == 74
+            if not is_point(failed_at[-1]):
+                continue
+            filler.unlink()
+            [serial] = issue(pki, "bob")
+            assert assert_consistent_current(pki, "bob") == serial
+            assert (pki.root / "serial").read_text() != before["serial"].decode()
+            assert not temporary_files(pki.root)
+            assert not pki.store.journal_path.exists()
+            return
+    pytest.fail(f"never failed at the {point}; failed at {[str(path) for path in failed_at]}")
+
+
+@pytest.mark.parametrize("name", ["bob.key", "bob.crt", "index.txt", "serial", "journal.json"])
+def test_a_write_failing_before_its_journal_changes_nothing_without_a_tmpfs(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # The same as the tests above where no tmpfs can be mounted: the disk fills at ``name``.
+    real_write_temp = certwarden.atomicfile._write_temp
+
+    def write_temp(directory: Path, final_name: str, data: bytes, mode: int, sync: bool) -> Path:
+        if final_name == name:
+            raise WriteError(directory / final_name, OSError(errno.ENOSPC, "No space left"))
+        return real_write_temp(directory, final_name, data, mode, sync)
+
+    issue(pki, "alice")
+    before = snapshot(pki.root)
+    monkeypatch.setattr("certwarden.atomicfile._write_temp", write_temp)
+    with pytest.raises(StorageError) as raised:
+        issue(pki, "bob")
+    assert snapshot(pki.root) == before
+    where = str(raised.value).partition(": ")[0]
+    assert Path(where).name == name
+    assert str(raised.value) == (
+        f"{where}: no space left on device; nothing was changed; free some space and retry"
+    )
+    monkeypatch.undo()
+    issue(pki, "bob")
+    assert_consistent_current(pki, "bob")
+
+
+@pytest.mark.usefixtures("can_mount_tmpfs")
+def test_after_its_journal_a_write_needs_no_space(tmp_path: Path, clock: Clock) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    failed_at: list[Path] = []
+    for free in range(len(WRITES_BEFORE_THE_JOURNAL) + 4):
+        with tmpfs(tmp_path / f"fs{free}", 32 * page) as filesystem:
+            pki = new_pki_on(filesystem, clock)
+            fill(filesystem, free, page)
             try:
-                ca.issue([IssueRequest("bob")])
+                [serial] = issue(pki, "bob")
             except StorageError as exc:
-                assert "no space left" in str(exc).lower(), exc
-                assert not temporary_files(store.root)
-                assert not (store.root / "lock.file").exists()
-                if not store.journal_path.exists():
-                    outcomes.append("unchanged")
-                    assert snapshot(store.root) == before
-                    continue
-                outcomes.append("completed later")
-                filler.unlink()
-                with store.writing():
-                    pass  # completes the journaled write
-                assert not store.journal_path.exists()
+                failed_at.append(named_file(pki, exc))
+                continue
+            assert assert_consistent_current(pki, "bob") == serial
+            assert not temporary_files(pki.root)
+            assert not pki.store.journal_path.exists()
+            break
+    else:
+        pytest.fail(f"never issued; failed at {[str(path) for path in failed_at]}")
+    # With one page less than the write needs, the last file it could not write is the
+    # journal: index.txt and serial were written before it, and only renamed after it.
+    assert failed_at[-1] == Path(".certwarden/journal.json"), failed_at
+
+
+@pytest.mark.usefixtures("can_mount_tmpfs")
+def test_a_full_disk_while_index_txt_changed_under_the_write_is_journaled_and_said_so(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    with tmpfs(tmp_path / "fs", 32 * page) as filesystem:
+        pki = new_pki_on(filesystem, clock)
+        index_before = pki.store.index_path.read_bytes()
+        real_upserted_index = certwarden.pki.store.upserted_index
+        made: list[bytes] = []
+        filler: list[Path] = []
+
+        def upserted_index(current: bytes, lines: list[str]) -> bytes:
+            made.append(current)
+            if len(made) == 1:
+                # Edited in place meanwhile (a new mtime, no space needed): the index.txt
+                # written before the journal is not used, and the lines are applied again.
+                os.utime(pki.store.index_path, ns=(1, 1))
             else:
-                outcomes.append("issued")
-            assert not temporary_files(store.root)
-            assert_consistent_current(PKI(store, ca, clock), "bob")
-    assert "unchanged" in outcomes
-    assert outcomes[-1] == "issued"
+                filler.append(fill(filesystem, 0, page))  # and now the disk is full
+            return real_upserted_index(current, lines)
+
+        monkeypatch.setattr("certwarden.pki.store.upserted_index", upserted_index)
+        with pytest.raises(StorageError) as raised:
+            issue(pki, "bob")
+        assert len(made) == 2
+        assert str(raised.value) == (
+            f"{pki.store.index_path}: no space left on device; the write is journaled and "
+            "completes at the next certwarden write; free some space for it"
+        )
+        assert "nothing was changed" not in str(raised.value)
+        assert pki.store.journal_path.exists()
+        assert (pki.root / "issued" / "bob.crt").is_file()  # the renames were done
+        assert pki.store.index_path.read_bytes() == index_before
+        assert not temporary_files(pki.root)
+        monkeypatch.undo()
+        filler[0].unlink()
+        with pki.store.writing():
+            pass  # completes the journaled write
+        assert not pki.store.journal_path.exists()
+        assert not temporary_files(pki.root)
+        assert_consistent_current(pki, "bob")
+
+
+KILL_AFTER_THE_JOURNAL = """\
+import os, sys
+from pathlib import Path
+import certwarden.pki.store
+from certwarden.pki.ca import CertificateAuthority, IssueRequest
+def die(moves, *, replay=False):
+    os._exit(9)  # as kill -9 right after the journal: nothing cleaned up
+certwarden.pki.store.apply_moves = die
+CertificateAuthority(certwarden.pki.store.PKIStore(Path(sys.argv[1]))).issue([IssueRequest("bob")])
+"""
+
+
+def kill_after_the_journal(pki: PKI) -> None:
+    """Issue bob in a process that dies right after writing the journal."""
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_THE_JOURNAL, str(pki.root)],
+        env=certwarden_environment(),
+        capture_output=True,
+        check=False,
+    )
+    assert killed.returncode == 9, killed.stderr.decode()
+    assert pki.store.journal_path.exists()
+
+
+@pytest.mark.usefixtures("can_mount_tmpfs")
+@pytest.mark.parametrize("prepared_left", [True, False], ids=["prepared files left", "none"])
+def test_a_replay_on_a_full_disk_frees_what_the_killed_write_prepared_or_stays_journaled(
+    tmp_path: Path, clock: Clock, prepared_left: bool
+) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    with tmpfs(tmp_path / "fs", 32 * page) as filesystem:
+        pki = new_pki_on(filesystem, clock)
+        issue(pki, "alice")
+        index_before = pki.store.index_path.read_bytes()
+        kill_after_the_journal(pki)
+        journaled = {
+            Path(move["source"]).name
+            for move in json.loads(pki.store.journal_path.read_text())["moves"]
+        }
+        # Left behind: the three staged files (in the journal), and index.txt and serial as
+        # they would have been (not in it).
+        prepared = [path for path in temporary_files(pki.root) if path.name not in journaled]
+        assert (len(journaled), len(prepared)) == (3, 2)
+        if not prepared_left:
+            for path in prepared:
+                path.unlink()  # nothing for the replay to free
+        # Not a page free: the new lock.file takes the page of the killed process's one, and
+        # the replay writes index.txt and serial again in the space of the two files it
+        # removes first, if they are there.
+        filler = fill(filesystem, 0, page)
+        if not prepared_left:
+            with pytest.raises(StorageError) as raised, pki.store.writing():
+                pytest.fail("a write went on with an interrupted one not completed")
+            assert str(raised.value) == (
+                f"{pki.store.index_path}: no space left on device; an interrupted write is "
+                "still journaled and completes at the next certwarden write; free some space "
+                "for it"
+            )
+            assert pki.store.journal_path.exists()
+            assert pki.store.index_path.read_bytes() == index_before
+            assert not (pki.root / "lock.file").exists()
+            filler.unlink()
+        with pki.store.writing():
+            pass
+        assert not pki.store.journal_path.exists()
+        assert not temporary_files(pki.root)
+        assert_consistent_current(pki, "alice")
+        assert_consistent_current(pki, "bob")
 
 
 # ---- the journal -----------------------------------------------------------------------------

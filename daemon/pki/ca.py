@@ -41,10 +41,10 @@ from certwarden.pki.x509 import (
     generate_key,
     key_to_pem,
     load_csr,
-    load_private_key,
     new_serial,
     parse_san,
     profile_of,
+    public_key_of_key_file,
     same_public_key,
     sans_of,
     slash_subject,
@@ -395,9 +395,20 @@ class CertificateAuthority:
         public = old.public_key()
         if keep_key:
             if key_path.exists():
-                # Only checked, never rewritten: a kept key stays exactly as it was.
-                existing = load_private_key(store.read_file(key_path), f"private/{name}.key")
-                if not same_public_key(existing.public_key(), public):
+                # Only checked, never rewritten or decrypted: a kept key stays exactly as it
+                # was, and an encrypted one (easy-rsa without nopass) is checked through the
+                # request made with it.
+                request = store.req_path(name)
+                existing = public_key_of_key_file(
+                    store.read_file(key_path),
+                    store.read_file(request) if request.exists() else None,
+                )
+                if existing is None:
+                    raise PKIError(
+                        f"private/{name}.key: encrypted or unreadable, and no reqs/{name}.req "
+                        f"to check it against issued/{name}.crt; cannot keep it"
+                    )
+                if not same_public_key(existing, public):
                     raise PKIError(f"private/{name}.key: does not belong to issued/{name}.crt")
         else:
             if not key_path.exists():

@@ -66,8 +66,9 @@ class Identity:
         return format_serial(self.cert.serial_number)
 
 
-def load_identity(store: PKIStore, name: str) -> Identity:
-    """The current certificate of ``name`` with its key and the CA chain."""
+def load_identity(store: PKIStore, name: str, key_passphrase: bytes | None = None) -> Identity:
+    """The current certificate of ``name`` with its key (decrypted with ``key_passphrase``,
+    for easy-rsa's keys made without nopass) and the CA chain."""
     cert_path = store.cert_path(name)
     key_path = store.key_path(name)
     if not cert_path.exists():
@@ -78,7 +79,12 @@ def load_identity(store: PKIStore, name: str) -> Identity:
             "only its owner can build a bundle"
         )
     cert = store.load_cert(cert_path)
-    key = load_private_key(store.read_file(key_path), store.relative(key_path))
+    key = load_private_key(
+        store.read_file(key_path),
+        store.relative(key_path),
+        key_passphrase,
+        if_encrypted="give its passphrase with --key-passphrase-file",
+    )
     if not same_public_key(cert.public_key(), key.public_key()):
         raise PKIError(f"private/{name}.key: does not belong to issued/{name}.crt")
     chain = load_chain(store.read_file(store.ca_cert_path), store.relative(store.ca_cert_path))

@@ -80,7 +80,7 @@ class ProfileSigner:
             raise PKIError(f"{cert_where}: holds no PEM certificate")
         cert = load_certificate(blocks[0], cert_where)
         chain = tuple(load_certificate(block, cert_where) for block in blocks[1:])
-        key = load_private_key(key_pem, key_where)
+        key = load_private_key(key_pem, key_where, if_encrypted="a signing key must be unencrypted")
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise PKIError(f"{key_where}: profiles can be signed with an RSA or EC key only")
         if not same_public_key(cert.public_key(), key.public_key()):

@@ -1,8 +1,9 @@
 """The PKI directory in easy-rsa 3.x layout: reading it safely, writing it crash-safely.
 
 Reads never trust file contents: a bad file becomes a one-line problem naming it, and a listing
-goes on. Writes go through :class:`Transaction`: new files are staged under temporary names and
-synced, a journal records every rename and index.txt change, then they are applied. After a
+goes on. Writes go through :class:`Transaction`: new files, and index.txt and serial as they
+will be, are written under temporary names and synced, a journal records every rename and
+index.txt change, then they are renamed into place (a full disk cannot stop that). After a
 crash, :meth:`PKIStore.recover` replays the journal, so a kill -9 at any moment leaves a PKI that
 both certwarden and ``openssl ca`` read, with no certificate lost and no serial reused.
 """
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from certwarden.atomicfile import (
+    NOTHING_CHANGED,
     Move,
     StagedFiles,
+    WriteError,
     apply_moves,
     fsync_dir,
     is_temporary,
@@ -91,6 +94,10 @@ INDEX_UPDATE_ATTEMPTS = 5  # index.txt changed under us (easy-rsa 3.1.0 takes no
 _PROFILES = {profile.value: profile for profile in Profile}
 _PROFILE_TEXTS = frozenset(_PROFILES)
 _EXPIRED_OR_VALID = (Status.EXPIRED, Status.VALID)  # indexed by "not yet expired"
+JOURNALED = "the write is journaled and completes at the next certwarden write"
+STILL_JOURNALED = (
+    "an interrupted write is still journaled and completes at the next certwarden write"
+)
 
 IndexVersion = tuple[int, int, int, int, int]
 """Which index.txt was read: device, inode, size, and mtime and ctime in ns. ``openssl ca``
@@ -237,6 +244,10 @@ class PKIStore:
         return self.root / META_DIR
 
     @property
+    def serial_path(self) -> Path:
+        return self.root / "serial"
+
+    @property
     def journal_path(self) -> Path:
         return self.meta_dir / "journal.json"
 
@@ -331,7 +342,13 @@ class PKIStore:
             )
         from certwarden.pki.x509 import load_private_key
 
-        return load_private_key(self.read_file(path), self.relative(path), self.ca_passphrase)
+        return load_private_key(
+            self.read_file(path),
+            self.relative(path),
+            self.ca_passphrase,
+            if_encrypted="give its passphrase file (--ca-passphrase-file or [pki] "
+            "ca_passphrase_file)",
+        )
 
     def read_index(self) -> ParsedIndex:
         return parse_index(self._index_text(), "index.txt")
@@ -544,8 +561,8 @@ class PKIStore:
             self._append_meta(derived)  # best effort: a read-only PKI still lists
         if self.journal_path.exists():
             problems.append(
-                "an interrupted certwarden write is pending; the next write (or "
-                "`certwarden list --repair`) completes it"
+                "an interrupted certwarden write is pending; the next certwarden write "
+                "(`certwarden crl`, for one) completes it"
             )
         return Listing(out, problems)
 
@@ -555,34 +572,68 @@ class PKIStore:
         return Transaction()
 
     def commit(self, tx: Transaction) -> None:
-        """Apply ``tx``: sync staged files, journal, rename, update index.txt, drop journal.
+        """Apply ``tx``: write everything new, journal, rename into place, drop the journal.
 
-        The caller holds the lock. If anything fails before the journal is written, the staged
-        files are removed and the PKI is unchanged.
+        Every byte that needs space is written before the journal: the staged files, and
+        index.txt and serial as they will be (see :class:`_Prepared`); after it, only renames
+        remain, which a full disk does not stop. The caller holds the lock. If anything fails
+        before the journal is written, the files written so far are removed and the PKI is
+        unchanged; after it, the journal completes the write at the next certwarden write.
         """
         if not self.lock.held:
             raise RuntimeError("PKIStore.commit() called without holding the PKI lock")
+        prepared = _Prepared()
+        journal = b""
         try:
-            tx.staged.sync()
+            if tx.index_lines:
+                current, prepared.index_version = self._read_index()
+                prepared.files.stage(
+                    self.index_path, upserted_index(current, tx.index_lines), 0o600
+                )
+            if tx.next_serial is not None:
+                prepared.files.stage(self.serial_path, f"{tx.next_serial}\n".encode(), 0o600)
+            tx.staged.sync(prepared.files)
             # Old files leave before new ones arrive: renew moves issued/NAME.crt away first.
             moves = [*tx.moves, *tx.staged.moves]
-            journal = {
-                "moves": [move.as_json() for move in moves],
-                "removals": [str(path) for path in tx.removals],
-                "index": tx.index_lines,
-                "serial": tx.next_serial,
-            }
-            self.meta_dir.mkdir(mode=0o700, exist_ok=True)
-            write_atomic(self.journal_path, json.dumps(journal).encode(), 0o600)
-        except BaseException:
+            journal = json.dumps(
+                {
+                    "moves": [move.as_json() for move in moves],
+                    "removals": [str(path) for path in tx.removals],
+                    "index": tx.index_lines,
+                    "serial": tx.next_serial,
+                }
+            ).encode()
+            try:
+                self.meta_dir.mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise WriteError(self.meta_dir, exc) from exc
+            write_atomic(self.journal_path, journal, 0o600)
+        except BaseException as exc:
             tx.staged.discard()
+            prepared.files.discard()
+            # write_atomic() may fail after its rename (syncing the folder): then that journal
+            # is ours, and its staged files are gone.
+            with contextlib.suppress(OSError):
+                if journal and self.journal_path.read_bytes() == journal:
+                    self.journal_path.unlink()
+            if isinstance(exc, WriteError):
+                raise exc.saying(NOTHING_CHANGED) from exc
             raise
         # The journal now owns the staged files: if applying fails, recover() moves them into
         # place, so the caller's discard() must not delete them.
         tx.staged.moves.clear()
         with contextlib.suppress(OSError):
             self._append_meta(tx.meta)  # a cache, re-derived from the files when missing
-        self._apply(moves, tx.removals, tx.index_lines, tx.next_serial, replay=False)
+        try:
+            self._apply(
+                moves, tx.removals, tx.index_lines, tx.next_serial, replay=False, prepared=prepared
+            )
+        except WriteError as exc:
+            raise exc.saying(JOURNALED, _journaled_advice(exc)) from exc
+        except StorageError as exc:
+            raise StorageError(f"{exc}; {JOURNALED}") from exc
+        finally:
+            prepared.files.discard()  # those not renamed: recover() starts from the journal
         self.journal_path.unlink()
         fsync_dir(self.meta_dir)
 
@@ -594,29 +645,59 @@ class PKIStore:
         next_serial: str | None,
         *,
         replay: bool,
+        prepared: _Prepared | None = None,
     ) -> None:
+        """Do what a journal says; ``prepared``: index.txt and serial written by commit()."""
         apply_moves(moves, replay=replay)
         folders = set()
         for path in removals:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 path.unlink()
-                folders.add(path.parent)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise WriteError(path, exc) from exc
+            folders.add(path.parent)
         for folder in folders:
-            fsync_dir(folder)
+            _sync_folder(folder)
+        prepared = prepared or _Prepared()
         if index_lines:
-            self._upsert_index(index_lines)
+            self._upsert_index(
+                index_lines, prepared.move_to(self.index_path), prepared.index_version
+            )
         if next_serial is not None:
-            write_atomic(self.root / "serial", f"{next_serial}\n".encode(), 0o600)
+            serial = prepared.move_to(self.serial_path)
+            if serial is None:
+                write_atomic(self.serial_path, f"{next_serial}\n".encode(), 0o600)
+            else:
+                _rename(serial.source, self.serial_path)
+        if index_lines or next_serial is not None:
+            _sync_folder(self.root)
 
-    def _upsert_index(self, lines: list[str]) -> None:
+    def _upsert_index(
+        self,
+        lines: list[str],
+        prepared: Move | None = None,
+        made_from: IndexVersion | None = None,
+    ) -> None:
         """Replace lines with the same serial, append the others; keep unparsable lines.
+
+        ``prepared`` is the new index.txt written before the journal from version
+        ``made_from``: renaming it into place needs no space.
 
         easy-rsa 3.1.0 takes no lock: `easyrsa revoke` may replace index.txt while this runs.
         The new index.txt replaces only the version it was made from; when that changed
         meanwhile (or is missing for a moment: openssl renames it away while it writes), the
-        lines are applied again to the new version. The reverse, openssl writing over ours, is
-        easy-rsa's to prevent: 3.2.3 and later wait for lock.file.
+        lines are applied again to the new version (which needs space again). The reverse,
+        openssl writing over ours, is easy-rsa's to prevent: 3.2.3 and later wait for
+        lock.file. The caller syncs the folder.
         """
+        if prepared is not None:
+            if self._current_index_version() == made_from:
+                _rename(prepared.source, self.index_path)
+                return
+            with contextlib.suppress(OSError):
+                prepared.source.unlink()  # made from an older index.txt: free its space
         for _ in range(INDEX_UPDATE_ATTEMPTS):
             current, version = self._read_index()
             staged = StagedFiles()
@@ -626,16 +707,15 @@ class PKIStore:
                 try:
                     with open(move.source, "rb") as staged_file:
                         os.fsync(staged_file.fileno())  # one file: not a syncfs() of them all
-                    # Checked last, right before the rename, to leave the least time for a change.
-                    if self._current_index_version() != version:
-                        continue
-                    os.replace(move.source, move.target)
                 except OSError as exc:
-                    raise StorageError(f"{self.index_path}: {exc.strerror or exc}") from exc
+                    raise WriteError(self.index_path, exc) from exc
+                # Checked last, right before the rename, to leave the least time for a change.
+                if self._current_index_version() != version:
+                    continue
+                _rename(move.source, self.index_path)
                 staged.moves.clear()
             finally:
                 staged.discard()
-            fsync_dir(self.root)
             return
         raise LockHeld(
             f"{self.index_path}: changed {INDEX_UPDATE_ATTEMPTS} times while certwarden "
@@ -665,25 +745,80 @@ class PKIStore:
                 ) from None
             for line in index_lines:
                 parse_line(line, "journal")  # refuse to write a line openssl could not read
-            self._apply(moves, removals, index_lines, next_serial, replay=True)
+            # The index.txt and serial that the interrupted commit() wrote are not in the
+            # journal (the index is made again from its lines): free their space first, the
+            # replay may need it.
+            self._remove_temporary_files(keep={move.source.name for move in moves})
+            try:
+                self._apply(moves, removals, index_lines, next_serial, replay=True)
+            except WriteError as exc:
+                raise exc.saying(STILL_JOURNALED, _journaled_advice(exc)) from exc
             self.journal_path.unlink()
             replayed = True
+        self._remove_temporary_files()
+        return replayed
+
+    def _remove_temporary_files(self, keep: set[str] | frozenset[str] = frozenset()) -> None:
         for folder in (self.root, *(self.root / name for name in FOLDERS), self.meta_dir):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
                 for entry in os.scandir(folder):
-                    if is_temporary(entry.name):
+                    if is_temporary(entry.name) and entry.name not in keep:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(entry.path)
-        return replayed
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the PKI lock and complete any interrupted write before a new one."""
-        with self.lock:
-            self.meta_dir.mkdir(mode=0o700, exist_ok=True)
+        try:
+            self.lock.acquire()
+        except StorageError as exc:  # lock.file on a full disk, or a read-only PKI
+            raise StorageError(f"{exc}; {NOTHING_CHANGED}") from exc
+        try:
+            try:
+                self.meta_dir.mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise WriteError(self.meta_dir, exc, NOTHING_CHANGED) from exc
             self.recover()
             self._meta = None  # another process may have written since we last read
             yield
+        finally:
+            self.lock.release()
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """index.txt and serial as a commit leaves them, written under temporary names before its
+    journal, so that applying the journal needs no space. Not in the journal: a replay makes
+    index.txt again from the journal's lines, and recover() removes these files."""
+
+    files: StagedFiles = field(default_factory=StagedFiles)
+    index_version: IndexVersion | None = None  # the index.txt the new one was made from
+
+    def move_to(self, target: Path) -> Move | None:
+        for move in self.files.moves:
+            if move.target == target:
+                return move
+        return None
+
+
+def _journaled_advice(error: WriteError) -> str | None:
+    """What to do about ``error`` when a journal completes the write later (None: the usual
+    advice, as for a read-only file system)."""
+    return "free some space for it" if error.no_space else None
+
+
+def _rename(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise WriteError(target, exc) from exc
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fsync_dir(folder)
+    except OSError as exc:
+        raise WriteError(folder, exc) from exc
 
 
 def _index_version(stat: os.stat_result) -> IndexVersion:

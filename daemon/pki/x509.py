@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
     PrivateKeyTypes,
+    PublicKeyTypes,
 )
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import CRLEntryExtensionOID, ExtendedKeyUsageOID, NameOID
@@ -133,15 +134,20 @@ def load_csr(data: bytes, where: str) -> x509.CertificateSigningRequest:
     return csr
 
 
-def load_private_key(data: bytes, where: str, passphrase: bytes | None = None) -> PrivateKey:
+def load_private_key(
+    data: bytes,
+    where: str,
+    passphrase: bytes | None = None,
+    *,
+    if_encrypted: str = "certwarden needs it unencrypted",
+) -> PrivateKey:
+    """A PEM private key. ``if_encrypted`` is the advice when it is encrypted and no
+    ``passphrase`` was given (the CA's key: where its passphrase file is configured)."""
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)
     except TypeError:
         if passphrase is None:
-            raise MalformedFile(
-                f"{where}: the key is encrypted; give its passphrase file "
-                "(--ca-passphrase-file or [pki] ca_passphrase_file)"
-            ) from None
+            raise MalformedFile(f"{where}: the key is encrypted; {if_encrypted}") from None
         raise MalformedFile(
             f"{where}: the key is not encrypted but a passphrase was given"
         ) from None
@@ -155,6 +161,24 @@ def load_private_key(data: bytes, where: str, passphrase: bytes | None = None) -
     ):
         raise MalformedFile(f"{where}: unsupported key type {type(key).__name__}")
     return key
+
+
+def public_key_of_key_file(key_pem: bytes, request_pem: bytes | None) -> PublicKeyTypes | None:
+    """The public key of a PEM private key without decrypting it: for an encrypted one
+    (easy-rsa's gen-req without nopass), that of the request made with it. None when neither
+    can be read."""
+    try:
+        return serialization.load_pem_private_key(key_pem, password=None).public_key()
+    except TypeError:  # encrypted: easy-rsa's gen-req wrote its request next to it
+        pass
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if request_pem is None:
+        return None
+    try:
+        return x509.load_pem_x509_csr(request_pem).public_key()
+    except ValueError:
+        return None
 
 
 def _first_line(exc: Exception) -> str:
@@ -685,7 +709,7 @@ def crl_number(crl: x509.CertificateRevocationList) -> int | None:
         return None
 
 
-def same_public_key(a: CertificatePublicKeyTypes, b: CertificatePublicKeyTypes) -> bool:
+def same_public_key(a: PublicKeyTypes, b: PublicKeyTypes) -> bool:
     fmt = serialization.PublicFormat.SubjectPublicKeyInfo
     return a.public_bytes(serialization.Encoding.DER, fmt) == b.public_bytes(
         serialization.Encoding.DER, fmt

@@ -253,7 +253,12 @@ def load_pki_certificate(
     try:
         cert = store.load_cert(cert_path)
         key_pem = store.read_file(key_path)
-        key = load_private_key(key_pem, store.relative(key_path))
+        key = load_private_key(
+            key_pem,
+            store.relative(key_path),
+            if_encrypted=f"nginx reads it unencrypted; `certwarden renew {name}` gives the "
+            "certificate a new, unencrypted key",
+        )
     except NotFound as exc:
         raise NginxError(
             f"certificate {name}: {exc} (revoked and not issued again? "
