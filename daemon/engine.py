@@ -198,9 +198,8 @@ class Engine:
 
     def _copied_in(self, inventory: Inventory) -> dict[str, tuple[int, int, int]]:
         """Names with an issued/NAME.crt but no current certificate in index.txt, with the
-        file's identity, unless that very file was looked at before. Such a file is often no
-        copy: easy-rsa names it after the request (carol) while index.txt only knows the CN
-        (carol.example.com); or it was signed by another CA."""
+        file's identity, unless that very file was looked at before: one signed by another
+        CA is left out and not looked at again until it or the CA changes."""
         current = {record.name for record in inventory.records if record.current}
         try:
             files = os.scandir(self.store.root / "issued")

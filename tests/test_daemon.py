@@ -885,9 +885,11 @@ def test_a_certificate_whose_cn_is_no_file_name_neither_stops_the_daemon_nor_the
 ) -> None:
     (serial,) = site.pki.issue("bob")
     site.configure(daemon={"debounce": "500ms"})
-    # Signed by easy-rsa as an operator would: file name carol, CN "Carol Phone".
+    # Signed by easy-rsa as an operator would: file name carol, CN "Carol Phone". With its
+    # file moved away by hand, its name can only be its CN, which is no file name.
     easyrsa.run("--req-cn=Carol Phone", "gen-req", "carol", "nopass")
     easyrsa.run("sign-req", "client", "carol")
+    (site.pki.root / "issued" / "carol.crt").rename(site.pki.root / "carol.crt.moved")
 
     daemon = certwarden_daemon_factory(site.config)  # starts: READY=1, not exit 65
     easyrsa.run("revoke", "bob")
@@ -1033,3 +1035,20 @@ def test_sighup_applies_a_new_ca_passphrase_file_and_lock_timeout(
     site.cli("revoke", "bob").check_returncode()
     wait_until(lambda: int(serial, 16) in crl_serials(site.pki.root / "crl.pem"))
     assert "wrong passphrase" not in daemon.log()
+
+
+def test_an_easyrsa_certificate_is_named_after_its_files_not_its_cn(
+    site: Site, easyrsa: EasyRSA, certwarden_daemon_factory: StartDaemon
+) -> None:
+    """`easyrsa --req-cn="Carol Phone" gen-req carol`: certwarden's carol, renewable."""
+    site.configure()
+    easyrsa.run("--req-cn=Carol Phone", "gen-req", "carol", "nopass")
+    easyrsa.run("sign-req", "client", "carol")
+
+    daemon = certwarden_daemon_factory(site.config)
+    status = site.status()
+
+    assert [p for p in status["pki_problems"] if "Carol Phone" in p] == []
+    (record,) = [c for c in status["certificates"] if c["subject"] == "/CN=Carol Phone"]
+    assert (record["name"], record["renewable"]) == ("carol", True)
+    assert "Traceback" not in daemon.log()

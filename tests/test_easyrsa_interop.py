@@ -6,6 +6,7 @@ must be one that easy-rsa and ``openssl ca`` accept, and the reverse.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -930,3 +931,136 @@ def test_an_encrypted_easyrsa_key_is_exported_with_its_passphrase_and_kept_on_re
     assert (pki / "private" / "frank.key").read_bytes() == key
     assert renewed.record.serial == openssl_serial(pki / "issued" / "frank.crt")
     assert audit_pki(pki, keys_required=False) == []
+
+
+# ---- requests made with another CN (--req-cn): named after easy-rsa's files ------------------
+
+
+@pytest.fixture(scope="module", params=["carol.example.com", "Carol Phone"])
+def req_cn_template(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """An easy-rsa PKI where `gen-req carol` was made with another CN, then signed; and alice."""
+    cn = str(request.param)
+    pki = tmp_path_factory.mktemp("easyrsa-req-cn") / "pki"
+    easyrsa = EasyRSA(pki)
+    easyrsa.run("init-pki")
+    easyrsa.run("--use-algo=ec", "build-ca", "nopass", env={"EASYRSA_REQ_CN": "req-cn test CA"})
+    easyrsa.run("--use-algo=ec", f"--req-cn={cn}", "gen-req", "carol", "nopass")
+    easyrsa.run("sign-req", "client", "carol")
+    easyrsa.run("--use-algo=ec", "build-client-full", "alice", "nopass")
+    return pki, cn
+
+
+@pytest.fixture
+def req_cn_pki(req_cn_template: tuple[Path, str], tmp_path: Path) -> tuple[Path, str]:
+    template, cn = req_cn_template
+    return copied(template, tmp_path), cn
+
+
+def audit_req_cn_pki(pki: Path, cn: str) -> list[str]:
+    """audit_pki() but for its wish that issued/NAME.crt be the CN's: here it is not."""
+    return [problem for problem in audit_pki(pki) if not problem.endswith(f" as /CN={cn}")]
+
+
+def test_certwarden_lists_a_req_cn_certificate_under_its_file_name(
+    req_cn_pki: tuple[Path, str],
+) -> None:
+    pki, cn = req_cn_pki
+    serial = openssl_serial(pki / "issued" / "carol.crt")
+
+    records = json.loads(certwarden_cli(pki, "list", "--json").stdout)
+
+    carol = next(record for record in records if record["serial"] == serial)
+    assert (carol["name"], carol["subject"], carol["status"], carol["profile"]) == (
+        "carol",
+        f"/CN={cn}",
+        "valid",
+        "client",
+    )
+    assert sorted(record["name"] for record in records) == ["alice", "carol"]
+    assert "carol" in certwarden_cli(pki, "list").stdout
+    inventory = PKIStore(pki).inventory()
+    assert inventory.problems == []
+    record = inventory.current("carol")
+    assert record is not None and record.serial == serial
+    assert inventory.current(cn) is None
+
+
+def test_certwarden_renews_a_req_cn_certificate_by_its_file_name_keeping_the_subject(
+    req_cn_pki: tuple[Path, str],
+) -> None:
+    pki, cn = req_cn_pki
+    old = load(pki / "issued" / "carol.crt")
+    old_serial = openssl_serial(pki / "issued" / "carol.crt")
+
+    certwarden_cli(pki, "renew", "carol")
+
+    new = load(pki / "issued" / "carol.crt")
+    new_serial = openssl_serial(pki / "issued" / "carol.crt")
+    assert new_serial != old_serial
+    assert new.subject.public_bytes() == old.subject.public_bytes()
+    assert index_line_of(pki, new_serial)[5] == f"/CN={cn}"
+    assert openssl_serial(pki / "renewed" / "issued" / "carol.crt") == old_serial
+    for store in (PKIStore(pki), PKIStore(pki)):  # the cache as written, and as read back
+        records = store.inventory().of_name("carol")
+        assert [(r.serial, r.status, r.current, r.subject) for r in records] == [
+            (old_serial, Status.VALID, False, f"/CN={cn}"),
+            (new_serial, Status.VALID, True, f"/CN={cn}"),
+        ]
+    (pki / ".certwarden" / "meta.tsv").unlink()  # derived from the files again: the same
+    records = PKIStore(pki).inventory().of_name("carol")
+    assert [(r.serial, r.current) for r in records] == [(old_serial, False), (new_serial, True)]
+    assert new_serial in shown_serials(EasyRSA(pki).run("show-cert", "carol").stdout)
+    assert_openssl_ca_reads_index(pki)
+    assert audit_req_cn_pki(pki, cn) == []
+
+
+def test_certwarden_revokes_and_exports_a_req_cn_certificate_by_its_file_name(
+    req_cn_pki: tuple[Path, str], tmp_path: Path
+) -> None:
+    pki, cn = req_cn_pki
+    serial = openssl_serial(pki / "issued" / "carol.crt")
+    bundle = tmp_path / "carol.pem"
+
+    certwarden_cli(pki, "export", "carol", "--format", "pem", "--out", str(bundle))
+    certwarden_cli(pki, "revoke", "carol")
+
+    assert b"PRIVATE KEY" in bundle.read_bytes()
+    assert_revoked_like_easyrsa(pki, "carol", serial)
+    assert (pki / "revoked" / "reqs_by_serial" / f"{serial}.req").is_file()
+    record = PKIStore(pki).inventory().by_serial(serial)
+    assert record is not None
+    assert (record.name, record.status, record.subject) == ("carol", Status.REVOKED, f"/CN={cn}")
+    assert_openssl_ca_reads_index(pki)
+    assert audit_req_cn_pki(pki, cn) == []
+
+
+def test_a_meta_cache_of_an_older_version_naming_by_cn_is_derived_again_once(
+    req_cn_pki: tuple[Path, str],
+) -> None:
+    pki, cn = req_cn_pki
+    carol, alice = (openssl_serial(pki / "issued" / f"{name}.crt") for name in ("carol", "alice"))
+    meta = pki / ".certwarden" / "meta.tsv"
+    meta.parent.mkdir()
+    # As certwarden wrote it before names were file names: the CN, and no meta.version.
+    meta.write_text(
+        f"{carol}\t{cn}\tclient\t20250101000000Z\n{alice}\talice\tclient\t20250101000000Z\n"
+    )
+
+    first = PKIStore(pki).inventory()
+    again = PKIStore(pki).inventory()  # from the cache written by the first
+
+    assert first.problems == again.problems == []
+    assert first.records == again.records
+    assert [(r.serial, r.name) for r in first.records] == [(carol, "carol"), (alice, "alice")]
+    # the dates are the certificates' (the old cache is not read), and the file rewritten once
+    record = first.by_serial(carol)
+    assert record is not None and record.not_before == load(
+        pki / "issued" / "carol.crt"
+    ).not_valid_before_utc.replace(microsecond=0)
+    lines = sorted(meta.read_text().splitlines())
+    assert [line.split("\t")[:3] for line in lines] == sorted(
+        [[carol, "carol", "client"], [alice, "alice", "client"]]
+    )
+    assert (pki / ".certwarden" / "meta.version").read_text() == "2\n"

@@ -480,3 +480,44 @@ def test_a_certificate_in_issued_that_cannot_be_adopted_is_looked_at_once_per_fi
     (pki.root / "lock.file").unlink()
     assert harness.reconcile() == []
     assert "mallory" not in (pki.root / "index.txt").read_text()
+
+
+def test_an_easyrsa_certificate_named_after_its_request_is_no_copied_in_file(
+    pki: PKI, harness: Harness
+) -> None:
+    """`easyrsa --req-cn=carol.example.com gen-req carol`: issued/carol.crt is carol's own."""
+    harness.reconcile()
+    easyrsa = EasyRSA(pki.root)
+    easyrsa.run("--req-cn=carol.example.com", "gen-req", "carol", "nopass")
+    easyrsa.run("sign-req", "client", "carol")
+
+    events = harness.reconcile()
+
+    issued = [event for event in events if isinstance(event, CertificateIssued)]
+    assert [(event.cert.name, event.cert.subject) for event in issued] == [
+        ("carol", "/CN=carol.example.com")
+    ]
+    inventory = pki.store.inventory(pki.clock())
+    assert harness.engine._copied_in(inventory) == {}
+
+
+@pytest.mark.parametrize("cn", ["carol.example.com", "Carol Phone"])
+def test_an_easyrsa_certificate_named_after_its_request_is_renewed_keeping_its_subject(
+    pki: PKI, make_harness: MakeHarness, cn: str
+) -> None:
+    harness = make_harness({"client": {"jitter": 0.0}})
+    easyrsa = EasyRSA(pki.root)
+    easyrsa.run(f"--req-cn={cn}", "gen-req", "carol", "nopass")
+    easyrsa.run("sign-req", "client", "carol")
+    (old,) = pki.store.inventory(pki.clock()).of_name("carol")
+    harness.reconcile()
+
+    pki.clock.advance(timedelta(days=700))  # of easy-rsa's 825
+    events = harness.renew_due()
+
+    (renewed,) = [event for event in events if isinstance(event, CertificateRenewed)]
+    assert (renewed.old.serial, renewed.old.name) == (old.serial, "carol")
+    assert (renewed.new.name, renewed.new.subject) == ("carol", f"/CN={cn}")
+    current = pki.store.inventory(pki.clock()).current("carol")
+    assert current is not None and current.serial == renewed.new.serial
+    assert (pki.root / "renewed" / "issued" / "carol.crt").is_file()

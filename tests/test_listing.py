@@ -31,7 +31,13 @@ from certwarden.pki.index import (
     parse_index_blocks,
 )
 from certwarden.pki.model import CertRecord, Profile, Reason, Status
-from certwarden.pki.store import CachedMeta, PKIStore, read_meta
+from certwarden.pki.store import (
+    META_VERSION,
+    META_VERSION_FILE,
+    CachedMeta,
+    PKIStore,
+    read_meta,
+)
 
 # ---- strategies ----------------------------------------------------------------------------
 
@@ -388,6 +394,13 @@ def reference_inventory(
     return records, problems
 
 
+def write_meta(root: Path, text: str) -> None:
+    """A .certwarden/meta.tsv of this version (with its meta.version)."""
+    (root / ".certwarden").mkdir(exist_ok=True)
+    (root / ".certwarden" / "meta.tsv").write_text(text, encoding="utf-8")
+    (root / ".certwarden" / META_VERSION_FILE).write_bytes(META_VERSION)
+
+
 def meta_line(entry: IndexEntry, profile: Profile, not_before: datetime | None) -> str:
     when = format_date(not_before) if not_before else ""
     return f"{entry.serial}\t{common_name(entry.subject)}\t{profile.value}\t{when}"
@@ -419,8 +432,7 @@ def test_listing_is_the_inventory_as_it_was_and_its_json_is_json_dumps(
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "index.txt").write_text(index_text, encoding="utf-8")
-        (root / ".certwarden").mkdir()
-        (root / ".certwarden" / "meta.tsv").write_text(meta_text, encoding="utf-8")
+        write_meta(root, meta_text)
         store = PKIStore(root)
         listing = store.listing(now)
         inventory = PKIStore(root).inventory(now)
@@ -453,9 +465,8 @@ def test_listing_names_the_current_certificate_of_each_name_across_blocks(
 ) -> None:
     items = make_entries(1000)
     (tmp_path / "index.txt").write_text("".join(format_line(e) + "\n" for e in items))
-    (tmp_path / ".certwarden").mkdir()
     meta = "".join(meta_line(e, Profile.CLIENT, e.not_after) + "\n" for e in items)
-    (tmp_path / ".certwarden" / "meta.tsv").write_text(meta)
+    write_meta(tmp_path, meta)
     now = datetime(2040, 1, 1, tzinfo=UTC)
     records, problems = reference_inventory((tmp_path / "index.txt").read_text(), meta, now)
     listing = PKIStore(tmp_path).listing(now)

@@ -1319,3 +1319,40 @@ def test_a_missing_index_is_never_taken_for_an_empty_one(
         pass
     bob = serial_of(pki.root / "issued" / "bob.crt")
     assert [line.split("\t")[3] for line in index_lines(pki)] == [alice, bob]
+
+
+def test_a_certificate_is_named_after_its_file_which_is_looked_for_once_per_listing(
+    pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """easy-rsa names files after the request's name, which may not be the CN: issued/NAME.crt
+    is found by serial, from one read of issued/ and renewed/issued/, only when needed."""
+    issue(pki, "alice", "bob", "carol", "dave")
+    pki.ca.renew(["carol"])
+    pki.ca.revoke("dave")
+    (pki.root / "issued" / "bob.crt").rename(pki.root / "issued" / "robert.crt")
+    (pki.root / "renewed" / "issued" / "carol.crt").rename(
+        pki.root / "renewed" / "issued" / "caroline.crt"
+    )
+    reads: list[Path] = []
+    file_names = PKIStore._file_names
+
+    def counted(store: PKIStore) -> dict[str, str]:
+        reads.append(store.root)
+        return file_names(store)
+
+    monkeypatch.setattr(PKIStore, "_file_names", counted)
+    store = fresh_store_without_cache(pki)
+    names = ["alice", "robert", "caroline", "dave", "carol"]
+    for _ in range(2):  # read from the files, then from the cache in memory
+        assert [r.name for r in store.inventory(pki.clock()).records] == names
+    assert [r.name for r in PKIStore(pki.root).inventory(pki.clock()).records] == names
+    assert len(reads) == 1  # the others came from meta.tsv
+
+    (pki.root / "issued" / "robert.crt").rename(pki.root / "issued" / "bob.crt")
+    (pki.root / "renewed" / "issued" / "caroline.crt").rename(
+        pki.root / "renewed" / "issued" / "carol.crt"
+    )
+    inventory = fresh_store_without_cache(pki).inventory(pki.clock())
+    assert [r.name for r in inventory.records] == ["alice", "bob", "carol", "dave", "carol"]
+    assert inventory.problems == []
+    assert len(reads) == 1  # every file is named after its CN: issued/ was not read

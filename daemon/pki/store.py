@@ -85,6 +85,12 @@ FOLDERS = (
     "renewed/reqs",
 )
 META_DIR = ".certwarden"  # certwarden's own bookkeeping inside the PKI; easy-rsa ignores it
+# .certwarden/meta.tsv caches name, profile and notBefore by serial. Version 2 names a
+# certificate after its easy-rsa file (issued/NAME.crt); older versions wrote no meta.version
+# and cached the CN: such a meta.tsv is ignored, derived again and rewritten once.
+META_FILE = "meta.tsv"
+META_VERSION_FILE = "meta.version"
+META_VERSION = b"2\n"
 MAX_FILE_SIZE = 1 << 20  # certificates, keys and requests are a few KiB; refuse garbage
 # A CRL takes ~65 bytes of PEM per revoked certificate (100k: 6.5 MB); any larger than this
 # is garbage. Read with the small limit, a big crl.pem looked unreadable: a new one each time.
@@ -398,12 +404,20 @@ class PKIStore:
 
     # ---- the inventory -------------------------------------------------------------------
 
+    def _meta_is_current(self) -> bool:
+        """True if meta.tsv is of this version (see META_VERSION), so that it may be read."""
+        try:
+            with open(self.meta_dir / META_VERSION_FILE, "rb") as handle:
+                return handle.read(16) == META_VERSION
+        except OSError:
+            return False
+
     def _load_meta(self) -> MetaCache:
         if self._meta is None:
-            try:
-                data = (self.meta_dir / "meta.tsv").read_bytes()
-            except FileNotFoundError:
-                data = b""
+            data = b""
+            if self._meta_is_current():  # else written by an older version: derived again
+                with contextlib.suppress(FileNotFoundError):
+                    data = (self.meta_dir / META_FILE).read_bytes()
             self._meta = read_meta(data.decode("utf-8", errors="replace"))
         return self._meta
 
@@ -416,14 +430,25 @@ class PKIStore:
             f"{format_date(m.not_before) if m.not_before else ''}\n"
             for serial, m in items.items()
         )
-        # One O_APPEND write per batch: concurrent appenders never interleave inside it.
-        fd = os.open(
-            self.meta_dir / "meta.tsv", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
-        )
+        # One O_APPEND write per batch: concurrent appenders never interleave inside it. A
+        # meta.tsv of an older version is replaced (its names may be CNs), then marked current.
+        current = self._meta_is_current()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if current else os.O_TRUNC)
+        fd = os.open(self.meta_dir / META_FILE, flags, 0o600)
         try:
             os.write(fd, text.encode())
         finally:
             os.close(fd)
+        if not current:
+            fd = os.open(
+                self.meta_dir / META_VERSION_FILE,
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                0o600,
+            )
+            try:
+                os.write(fd, META_VERSION)
+            finally:
+                os.close(fd)
         if self._meta is not None:
             added = read_meta(text)  # as it will be read back
             self._meta.extend(added.serial, added.name, added.profile, added.not_before)
@@ -449,8 +474,10 @@ class PKIStore:
                     unreadable = unreadable or candidate
         return unreadable  # _derive_meta() then reports the file and why it cannot be read
 
-    def _derive_meta(self, serial: str, subject: str, problems: list[str]) -> CertMeta | None:
-        from certwarden.pki.x509 import profile_of
+    def _derive_meta(
+        self, serial: str, subject: str, problems: list[str], file_names: _FileNames
+    ) -> CertMeta | None:
+        from certwarden.pki.x509 import load_certificate, profile_of
 
         path = self._cert_file_for(serial, subject)
         if path is None:
@@ -460,14 +487,75 @@ class PKIStore:
             )
             return None
         try:
-            cert = self.load_cert(path)
+            data = self.read_file(path)
+            cert = load_certificate(data, self.relative(path))
         except PKIError as exc:
             problems.append(str(exc))
             return None
-        return CertMeta(common_name(subject), profile_of(cert), cert.not_valid_before_utc)
+        name = self._file_name(serial, common_name(subject), path, data, file_names)
+        return CertMeta(name, profile_of(cert), cert.not_valid_before_utc)
+
+    def _file_name(
+        self, serial: str, cn: str, path: Path, data: bytes, file_names: _FileNames
+    ) -> str:
+        """The name easy-rsa gave the certificate ``serial`` (read from ``path``, holding
+        ``data``): NAME of the issued/NAME.crt, else renewed/issued/NAME.crt, holding it; its
+        CN when no such file is found. easy-rsa names the files after the name given to
+        gen-req or build-*-full, which is the CN unless the request was made with another
+        (``--req-cn``)."""
+        folder = path.parent
+        if folder.name == "issued" and path.stem == cn:
+            return cn  # found by _cert_file_for(): issued/CN.crt or renewed/issued/CN.crt
+        if folder.name != "certs_by_serial" or folder.parent != self.root:
+            return cn  # revoked/ or expired/: easy-rsa moved it out of issued/
+        for named in ("issued", "renewed/issued"):
+            if self._holds(self.root / named / f"{cn}.crt", serial, data):
+                return cn
+        return file_names.get(serial) or cn
+
+    def _holds(self, path: Path, serial: str, data: bytes) -> bool:
+        """True if ``path`` is the certificate ``serial`` (whose file holds ``data``)."""
+        try:
+            found = self.read_file(path)
+        except PKIError:
+            return False
+        if found == data:
+            return True  # a copy of certs_by_serial/SERIAL.pem, as openssl ca writes both
+        from certwarden.pki.x509 import load_certificate
+
+        try:
+            return format_serial(load_certificate(found, "").serial_number) == serial
+        except PKIError:
+            return False
+
+    def _file_names(self) -> dict[str, str]:
+        """Which file name holds each serial: issued/NAME.crt, else renewed/issued/NAME.crt."""
+        from certwarden.pki.x509 import load_certificate
+
+        names: dict[str, str] = {}
+        for folder in (self.root / "issued", self.root / "renewed" / "issued"):
+            try:
+                entries = sorted(entry.name for entry in os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for file_name in entries:
+                name = file_name[:-4]
+                # meta.tsv separates fields by tabs and lines by newlines
+                if not file_name.endswith(".crt") or not name or "\t" in name or "\n" in name:
+                    continue
+                try:
+                    cert = load_certificate(self.read_file(folder / file_name), file_name)
+                except PKIError:
+                    continue  # not a certificate: it names none
+                names.setdefault(format_serial(cert.serial_number), name)
+        return names
 
     def _meta_of(
-        self, block: IndexBlock, derived: dict[str, CertMeta], problems: list[str]
+        self,
+        block: IndexBlock,
+        derived: dict[str, CertMeta],
+        problems: list[str],
+        file_names: _FileNames,
     ) -> tuple[list[str], list[Profile], list[str | None]]:
         """Name, profile and notBefore of each row, from the cache or else the certificate
         (what is read is added to ``derived``, to cache)."""
@@ -477,7 +565,7 @@ class PKIStore:
             for row, serial in enumerate(block.serial):
                 if found[row] is None:
                     subject = block.subject[row]
-                    info = self._derive_meta(serial, subject, problems)
+                    info = self._derive_meta(serial, subject, problems, file_names)
                     if info is None:
                         found[row] = (common_name(subject), Profile.UNKNOWN, None)
                     else:
@@ -514,6 +602,7 @@ class PKIStore:
             chain.from_iterable(block.serial for block in index.blocks)
         )
         derived: dict[str, CertMeta] = {}
+        file_names = _FileNames(self)  # read at most once, when a name is not the CN
         out: list[CertColumns] = []
         # name: the row of its newest certificate not revoked (revoked ones go under None)
         last_live: dict[str | None, int] = {}
@@ -526,7 +615,7 @@ class PKIStore:
                 profiles = meta.profile[first_row:end]
                 not_before = meta.not_before[first_row:end]
             else:
-                names, profiles, not_before = self._meta_of(block, derived, problems)
+                names, profiles, not_before = self._meta_of(block, derived, problems, file_names)
             status = list(map(_EXPIRED_OR_VALID.__getitem__, map(now_text.__lt__, block.not_after)))
             keys: list[str | None] = [*names]
             for row in compress(range(rows), block.revoked_at):
@@ -783,6 +872,19 @@ class PKIStore:
             yield
         finally:
             self.lock.release()
+
+
+class _FileNames:
+    """:meth:`PKIStore._file_names`, read when first asked for (once per listing)."""
+
+    def __init__(self, store: PKIStore) -> None:
+        self._store = store
+        self._by_serial: dict[str, str] | None = None
+
+    def get(self, serial: str) -> str | None:
+        if self._by_serial is None:
+            self._by_serial = self._store._file_names()
+        return self._by_serial.get(serial)
 
 
 @dataclass(slots=True)
