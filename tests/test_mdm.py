@@ -158,10 +158,11 @@ def test_nanomdm_gets_an_install_profile_command_plist_with_the_renewed_certific
     assert password not in certwarden_log(caplog)
 
 
-@pytest.mark.parametrize("backend", ["nanomdm", "micromdm"])
-def test_a_configured_signer_signs_the_pushed_profile_and_openssl_verifies_it(
-    tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer, backend: str
-) -> None:
+def push_signed_profile(
+    tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer, backend: str = "nanomdm"
+) -> tuple[SigningChain, bytes]:
+    """Issue alice-phone with a profile signer and display name configured; returns the
+    signer and the plist the MDM got, once openssl verified its signature."""
     signing = SigningChain.create(tmp_path / "signing")
     settings = mdm_settings(
         mdm,
@@ -174,9 +175,16 @@ def test_a_configured_signer_signs_the_pushed_profile_and_openssl_verifies_it(
     )
     plugin = configure(tmp_path, pki, settings, [device(display_name="Alice's iPhone")])
     plugin.certwarden_issued(event=issued(pki))
-
     [request] = mdm.accepted
-    opened = OpenedProfile.parse(signing.verified(request.payload(), tmp_path))
+    return signing, signing.verified(request.payload(), tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["nanomdm", "micromdm"])
+def test_a_configured_signer_signs_the_pushed_profile_and_openssl_verifies_it(
+    tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer, backend: str
+) -> None:
+    _, pushed = push_signed_profile(tmp_path, pki, tls, mdm, backend=backend)
+    opened = OpenedProfile.parse(pushed)
     assert opened.plist["PayloadIdentifier"] == "com.example.certs.alice-phone"
     assert opened.plist["PayloadDisplayName"] == "Alice's iPhone (work)"
     assert opened.plist["PayloadOrganization"] == "Example Ltd"
@@ -187,19 +195,7 @@ def test_export_with_the_configuration_writes_the_profile_the_mdm_pushes(
 ) -> None:
     """A profile installed by hand and the one the MDM pushes later must share their
     PayloadIdentifier, or the device keeps both: export takes the MDM's settings."""
-    signing = SigningChain.create(tmp_path / "signing")
-    settings = mdm_settings(
-        mdm,
-        tls,
-        tmp_path,
-        signing_cert=signing.cert_file,
-        signing_key=signing.key_file,
-        display_name="{device} (work)",
-    )
-    plugin = configure(tmp_path, pki, settings, [device(display_name="Alice's iPhone")])
-    plugin.certwarden_issued(event=issued(pki))
-    [request] = mdm.accepted
-    pushed = signing.verified(request.payload(), tmp_path)
+    signing, pushed = push_signed_profile(tmp_path, pki, tls, mdm)
     password = OpenedProfile.parse(pushed).pkcs12_payload["Password"]
     out = tmp_path / "alice.mobileconfig"
 
