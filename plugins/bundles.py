@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated, Literal, Self
+from typing import Annotated, Generic, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, Field, model_validator
 
 from certwarden.config import (
     Device,
+    Duration,
     ExistingFile,
     NonEmptyString,
     PluginSettings,
@@ -29,7 +30,7 @@ from certwarden.config import (
     read_secret,
 )
 from certwarden.events import CertificateInfo
-from certwarden.hookspecs import PluginContext
+from certwarden.hookspecs import PluginContext, hookimpl
 from certwarden.pki.export import pkcs12_bundle
 from certwarden.pki.index import format_serial
 from certwarden.pki.mobileconfig import (
@@ -89,6 +90,11 @@ class DeliverySettings(PluginSettings):
         default=None,
         description="Unencrypted PEM private key (RSA or EC) of `signing_cert`; other users "
         "must not be able to read it.",
+    )
+    timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="Time allowed for each network step; a slower server is a failed "
+        "delivery, retried later.",
     )
     pkcs12: Literal["compatible", "modern"] = Field(
         default="compatible",
@@ -152,6 +158,31 @@ class DeliverySettings(PluginSettings):
         data = pkcs12_bundle(identity, password, legacy=legacy)
         flavour = "p12-legacy" if legacy else "p12"
         return Bundle(f"{cert.name}.p12", PKCS12_MEDIA_TYPE, flavour, data, False)
+
+
+SettingsT = TypeVar("SettingsT", bound=DeliverySettings)
+
+
+class DeliveryPlugin(Generic[SettingsT]):
+    """What the delivery plugins (mdm, email) share: the context, typed settings, and the
+    check that their network timeout leaves the daemon's hook_timeout room."""
+
+    Settings: type[SettingsT]
+
+    def __init__(self) -> None:
+        self.context: PluginContext | None = None
+
+    @property
+    def settings(self) -> SettingsT:
+        assert self.context is not None, "configure() runs before any event"
+        settings = self.context.settings
+        assert isinstance(settings, self.Settings)
+        return settings
+
+    @hookimpl
+    def certwarden_configure(self, context: PluginContext) -> None:
+        self.context = context
+        warn_if_timeout_too_long(context, self.settings.timeout)
 
 
 @dataclass(frozen=True, slots=True)

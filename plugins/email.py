@@ -52,14 +52,14 @@ from certwarden.config import (
 )
 from certwarden.errors import CertwardenError
 from certwarden.events import CertificateInfo, CertificateIssued, CertificateRenewed, CRLInfo
-from certwarden.hookspecs import PluginContext, hookimpl
+from certwarden.hookspecs import hookimpl
 from certwarden.pki.export import generate_password
 from certwarden.plugins.bundles import (
     Bundle,
+    DeliveryPlugin,
     DeliverySettings,
     is_revoked,
     scrub,
-    warn_if_timeout_too_long,
 )
 
 Security = Literal["starttls", "tls", "none"]
@@ -285,23 +285,8 @@ def _when(moment: datetime | None) -> str:
 Settings = EmailSettings
 
 
-class Plugin:
+class Plugin(DeliveryPlugin[EmailSettings]):
     Settings = EmailSettings
-
-    def __init__(self) -> None:
-        self.context: PluginContext | None = None
-
-    @property
-    def settings(self) -> EmailSettings:
-        assert self.context is not None, "configure() runs before any event"
-        settings = self.context.settings
-        assert isinstance(settings, EmailSettings)
-        return settings
-
-    @hookimpl
-    def certwarden_configure(self, context: PluginContext) -> None:
-        self.context = context
-        warn_if_timeout_too_long(context, self.settings.timeout)
 
     @hookimpl
     def certwarden_sync(

@@ -42,15 +42,15 @@ from certwarden.events import (
     CertificateRevoked,
     Event,
 )
-from certwarden.hookspecs import PluginContext, hookimpl
+from certwarden.hookspecs import hookimpl
 from certwarden.pki.export import generate_password
 from certwarden.plugins.bundles import (
     APPLE_PLATFORMS,
+    DeliveryPlugin,
     DeliverySettings,
     is_revoked,
     newer_certificate,
     scrub,
-    warn_if_timeout_too_long,
 )
 
 Backend = Literal["nanomdm", "micromdm", "webhook"]
@@ -153,23 +153,8 @@ class Reply:
 Settings = MDMSettings
 
 
-class Plugin:
+class Plugin(DeliveryPlugin[MDMSettings]):
     Settings = MDMSettings
-
-    def __init__(self) -> None:
-        self.context: PluginContext | None = None
-
-    @property
-    def settings(self) -> MDMSettings:
-        assert self.context is not None, "configure() runs before any event"
-        settings = self.context.settings
-        assert isinstance(settings, MDMSettings)
-        return settings
-
-    @hookimpl
-    def certwarden_configure(self, context: PluginContext) -> None:
-        self.context = context
-        warn_if_timeout_too_long(context, self.settings.timeout)
 
     @hookimpl
     def certwarden_issued(self, event: CertificateIssued) -> None:
