@@ -61,6 +61,7 @@ _JSON_CURRENT = {
     for quote in ("", '"')
 }
 EX_SOFTWARE = 70
+INPUT_FILE = click.Path(path_type=Path, dir_okay=False, exists=True)  # a file an option reads
 
 
 @dataclass
@@ -208,7 +209,7 @@ def cli(
 @click.option("--days", type=int, help="CA validity in days [default: 3650].")
 @click.option(
     "--passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    type=INPUT_FILE,
     help="Encrypt the CA key with the passphrase in this file.",
 )
 @pass_app
@@ -345,12 +346,12 @@ def _mobileconfig_options(function: F) -> F:
         click.option("--organization", help="Organisation shown with the profile."),
         click.option(
             "--sign-cert",
-            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            type=INPUT_FILE,
             help="Sign the profile with this certificate (PEM, then its chain).",
         ),
         click.option(
             "--sign-key",
-            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            type=INPUT_FILE,
             help="Private key of --sign-cert (PEM, unencrypted, mode 0600).",
         ),
         click.option(
@@ -455,12 +456,12 @@ def _export_command() -> click.Command:
         click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True),
         click.option(
             "--password-file",
-            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            type=INPUT_FILE,
             help="PKCS#12 password; one is generated and shown once when not given.",
         ),
         click.option(
             "--key-passphrase-file",
-            type=click.Path(path_type=Path, dir_okay=False, exists=True),
+            type=INPUT_FILE,
             help="Passphrase of NAME's private key, when it is encrypted (easy-rsa without "
             "nopass).",
         ),
