@@ -19,7 +19,8 @@ from typing import NamedTuple
 import pytest
 
 from certwarden.cli import main
-from certwarden.pki.ca import CertificateAuthority
+from certwarden.events import CertificateInfo, CertificateIssued
+from certwarden.pki.ca import CertificateAuthority, IssueRequest
 from certwarden.pki.store import PKIStore
 
 
@@ -55,6 +56,17 @@ class PKI:
     @property
     def root(self) -> Path:
         return self.store.root
+
+    def info(self, name: str) -> CertificateInfo:
+        """The current certificate of ``name``, as plugins get it in events."""
+        record = self.store.inventory(self.clock()).current(name)
+        assert record is not None
+        return CertificateInfo.from_record(record, self.root)
+
+    def issued(self, name: str = "alice-phone") -> CertificateIssued:
+        """Issue ``name`` and return the event the daemon would hand to plugins."""
+        self.ca.issue([IssueRequest(name)])
+        return CertificateIssued(cert=self.info(name))
 
 
 @pytest.fixture

@@ -21,9 +21,8 @@ from smtpserver import Mail, SMTPServer
 
 from certwarden.daemon import plugin_contexts
 from certwarden.errors import ConfigError
-from certwarden.events import CertificateInfo, CertificateIssued, CertificateRenewed
+from certwarden.events import CertificateRenewed
 from certwarden.hookspecs import PluginContext
-from certwarden.pki.ca import IssueRequest
 from certwarden.plugin_manager import load_config_and_plugins
 from certwarden.plugins.email import EmailFailed, Plugin
 from certwarden.testing import write_config
@@ -88,17 +87,6 @@ def configure(
     return plugin, context
 
 
-def info(pki: PKI, name: str) -> CertificateInfo:
-    record = pki.store.inventory(pki.clock()).current(name)
-    assert record is not None
-    return CertificateInfo.from_record(record, pki.root)
-
-
-def issued(pki: PKI, name: str = "alice-phone") -> CertificateIssued:
-    pki.ca.issue([IssueRequest(name)])
-    return CertificateIssued(cert=info(pki, name))
-
-
 def attachment(mail: Mail) -> tuple[str, str, bytes]:
     """(file name, media type, bytes) of the one attachment."""
     [found] = mail.attachments()
@@ -160,7 +148,7 @@ def test_issued_certificate_reaches_the_owner_over_starttls_and_the_password_com
     """
     caplog.set_level(logging.DEBUG)
     plugin, _ = configure(tmp_path, pki, email_settings(smtp, tls, tmp_path), [device()])
-    event = issued(pki)
+    event = pki.issued()
     plugin.certwarden_issued(event=event)
 
     bundle_mail, password_mail = smtp.wait_for(2)
@@ -221,7 +209,7 @@ def test_other_platforms_get_a_p12_over_implicit_tls(
     with SMTPServer(tls, mode="tls") as smtp:
         settings = email_settings(smtp, tls, tmp_path, pkcs12=flavour)
         plugin, _ = configure(tmp_path, pki, settings, [device("bob-pc", platform)])
-        plugin.certwarden_issued(event=issued(pki, "bob-pc"))
+        plugin.certwarden_issued(event=pki.issued("bob-pc"))
         bundle_mail, password_mail = smtp.wait_for(2)
     password = password_from(password_mail)
     assert_password_absent(bundle_mail, password)
@@ -251,9 +239,9 @@ def test_renewal_message_says_until_when_the_old_certificate_works(
     tmp_path: Path, pki: PKI, tls: TestTLS, smtp: SMTPServer
 ) -> None:
     plugin, _ = configure(tmp_path, pki, email_settings(smtp, tls, tmp_path), [device()])
-    old = issued(pki).cert
+    old = pki.issued().cert
     pki.ca.renew(["alice-phone"])
-    new = info(pki, "alice-phone")
+    new = pki.info("alice-phone")
     plugin.certwarden_renewed(event=CertificateRenewed(old=old, new=new))
     bundle_mail, password_mail = smtp.wait_for(2)
     message = bundle_mail.message()
@@ -289,7 +277,7 @@ def test_password_command_gets_the_password_on_stdin_and_a_retry_resends_only_th
     )
     del settings["password_to"]
     plugin, context = configure(tmp_path, pki, settings, [device()])
-    event = issued(pki)
+    event = pki.issued()
     with pytest.raises(EmailFailed, match="exited with 1: gateway down"):
         plugin.certwarden_issued(event=event)
     [bundle_mail] = smtp.wait_for(1)
@@ -326,7 +314,7 @@ def test_a_password_nobody_will_deliver_is_forgotten_at_the_next_sync(
     )  # fmt: skip
     for name in names:
         with pytest.raises(EmailFailed, match="password_command false: exited with 1"):
-            plugin.certwarden_issued(event=issued(pki, name))
+            plugin.certwarden_issued(event=pki.issued(name))
     folder = context.state_dir / "pending"
     assert sorted(p.stem for p in folder.iterdir()) == names
 
@@ -334,7 +322,7 @@ def test_a_password_nobody_will_deliver_is_forgotten_at_the_next_sync(
     plugin, context = configure(
         tmp_path, pki, settings, [device(names[0]), device(names[2], "linux")]
     )
-    current = tuple(info(pki, name) for name in names[1:])  # alice's is revoked
+    current = tuple(pki.info(name) for name in names[1:])  # alice's is revoked
     plugin.certwarden_sync(certificates=current, crl=None)
 
     assert [p.stem for p in folder.iterdir()] == ["carol-pc"]
@@ -346,7 +334,7 @@ def test_password_none_keeps_it_for_the_operator_only(
     settings = email_settings(smtp, tls, tmp_path, password_delivery="none")
     del settings["password_to"]
     plugin, context = configure(tmp_path, pki, settings, [device("bob-pc", "windows")])
-    plugin.certwarden_issued(event=issued(pki, "bob-pc"))
+    plugin.certwarden_issued(event=pki.issued("bob-pc"))
     [mail] = smtp.wait_for(1)
     kept = context.state_dir / "passwords" / "bob-pc.txt"
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
@@ -362,7 +350,7 @@ def test_password_to_the_owners_own_mailbox_is_refused(
     settings = email_settings(smtp, tls, tmp_path, password_to="$owner")
     plugin, _ = configure(tmp_path, pki, settings, [device()])
     with pytest.raises(EmailFailed, match="owner's own mailbox"):
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
     assert smtp.messages == []  # refused before the bundle went out
 
 
@@ -372,9 +360,9 @@ def test_devices_not_listed_and_revoked_certificates_get_nothing(
     settings = email_settings(smtp, tls, tmp_path, include_mdm_devices=False)
     devices = [device(), device("bob-phone", mdm_id="0000FE00-B0B")]
     plugin, _ = configure(tmp_path, pki, settings, devices)
-    plugin.certwarden_issued(event=issued(pki, "web-server"))
-    plugin.certwarden_issued(event=issued(pki, "bob-phone"))  # the MDM delivers it
-    event = issued(pki)
+    plugin.certwarden_issued(event=pki.issued("web-server"))
+    plugin.certwarden_issued(event=pki.issued("bob-phone"))  # the MDM delivers it
+    event = pki.issued()
     pki.ca.revoke("alice-phone")
     plugin.certwarden_issued(event=event)
     assert smtp.messages == []
@@ -390,7 +378,7 @@ def test_refused_login_fails_naming_the_server_and_not_the_password(
     settings["password_file"] = secret_file(tmp_path / "wrong", "not-the-password")
     plugin, _ = configure(tmp_path, pki, settings, [device()])
     with pytest.raises(EmailFailed) as failure:
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
     message = str(failure.value)
     assert f"SMTP 127.0.0.1:{smtp.port}: login as certwarden refused (535)" in message
     assert "not-the-password" not in message
@@ -404,7 +392,7 @@ def test_a_server_that_requires_auth_refuses_a_plugin_without_username(
     del settings["username"], settings["password_file"]
     plugin, _ = configure(tmp_path, pki, settings, [device()])
     with pytest.raises(EmailFailed, match=r"SMTP 127\.0\.0\.1:\d+: 530 .*Authentication required"):
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
     assert smtp.messages == []
 
 
@@ -415,7 +403,7 @@ def test_a_server_certificate_from_an_unknown_ca_is_refused(
     del settings["ca_file"]
     plugin, _ = configure(tmp_path, pki, settings, [device()])
     with pytest.raises(EmailFailed, match="TLS certificate not trusted"):
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -468,7 +456,7 @@ def test_site_templates_replace_the_built_in_ones_and_are_checked(
 
     (templates / "issued.txt").write_text("Subject: Cert $name for $$5\n\nHi $owner.\n$install\n")
     plugin, _ = configure(tmp_path, pki, settings, [device()])
-    plugin.certwarden_issued(event=issued(pki))
+    plugin.certwarden_issued(event=pki.issued())
     bundle_mail, _ = smtp.wait_for(2)
     assert str(bundle_mail.message()["Subject"]) == "Cert alice-phone for $5"
     assert body(bundle_mail).startswith(f"Hi {OWNER}.\nHow to install it on an iPhone")

@@ -26,12 +26,9 @@ from smtpserver import SMTPServer
 from certwarden.daemon import plugin_contexts
 from certwarden.errors import ConfigError
 from certwarden.events import (
-    CertificateInfo,
-    CertificateIssued,
     CertificateRenewed,
     CertificateRevoked,
 )
-from certwarden.pki.ca import IssueRequest
 from certwarden.plugin_manager import load_config_and_plugins
 from certwarden.plugins.mdm import MDMFailed, Plugin, endpoint
 from certwarden.testing import DaemonProcess, make_pki, wait_until, write_config
@@ -100,17 +97,6 @@ def configure(
     return plugin
 
 
-def info(pki: PKI, name: str) -> CertificateInfo:
-    record = pki.store.inventory(pki.clock()).current(name)
-    assert record is not None
-    return CertificateInfo.from_record(record, pki.root)
-
-
-def issued(pki: PKI, name: str = "alice-phone") -> CertificateIssued:
-    pki.ca.issue([IssueRequest(name)])
-    return CertificateIssued(cert=info(pki, name))
-
-
 def certwarden_log(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("certwarden"))
 
@@ -139,9 +125,9 @@ def test_nanomdm_gets_an_install_profile_command_plist_with_the_renewed_certific
 ) -> None:
     caplog.set_level(logging.DEBUG)
     plugin = configure(tmp_path, pki, mdm_settings(mdm, tls, tmp_path), [device()])
-    old = issued(pki).cert
+    old = pki.issued().cert
     pki.ca.renew(["alice-phone"])
-    new = info(pki, "alice-phone")
+    new = pki.info("alice-phone")
     plugin.certwarden_renewed(event=CertificateRenewed(old=old, new=new))
 
     [request] = mdm.accepted
@@ -174,7 +160,7 @@ def push_signed_profile(
         display_name="{device} (work)",
     )
     plugin = configure(tmp_path, pki, settings, [device(display_name="Alice's iPhone")])
-    plugin.certwarden_issued(event=issued(pki))
+    plugin.certwarden_issued(event=pki.issued())
     [request] = mdm.accepted
     return signing, signing.verified(request.payload(), tmp_path)
 
@@ -236,7 +222,7 @@ def test_nanomdm_per_device_errors_and_server_errors_fail_the_delivery(
     plugin = configure(tmp_path, pki, mdm_settings(mdm, tls, tmp_path), [device()])
     mdm.fail_next(failure)
     with pytest.raises(MDMFailed, match=r"InstallProfile for \S+ failed \(HTTP 500\)") as e:
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
     if failure == "push_error":
         assert "push_error: APNs: BadDeviceToken" in str(e.value)
     assert mdm.accepted == []
@@ -248,7 +234,7 @@ def test_a_refused_api_key_and_a_timeout_fail_clearly(
     settings = mdm_settings(mdm, tls, tmp_path, timeout="1s")
     settings["api_key_file"] = secret_file(tmp_path / "wrong-key", "wrong-key")
     plugin = configure(tmp_path, pki, settings, [device()])
-    event = issued(pki)
+    event = pki.issued()
     with pytest.raises(MDMFailed, match="API key refused \\(HTTP 401\\); check api_key_file"):
         plugin.certwarden_issued(event=event)
     mdm.fail_next("hang")
@@ -263,7 +249,7 @@ def test_tls_is_verified_against_the_system_store_without_ca_file(
     del settings["ca_file"]
     plugin = configure(tmp_path, pki, settings, [device()])
     with pytest.raises(MDMFailed, match=r"TLS certificate not trusted.*set ca_file"):
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
     assert mdm.seen == []
 
 
@@ -271,7 +257,7 @@ def test_revocation_removes_the_profile_by_its_stable_identifier(
     tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer
 ) -> None:
     plugin = configure(tmp_path, pki, mdm_settings(mdm, tls, tmp_path), [device()])
-    cert = issued(pki).cert
+    cert = pki.issued().cert
     pki.ca.revoke("alice-phone")
     plugin.certwarden_revoked(event=CertificateRevoked(cert=cert))
     [request] = mdm.accepted
@@ -285,7 +271,7 @@ def test_revoking_a_renewed_away_certificate_keeps_the_profile(
     tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer
 ) -> None:
     plugin = configure(tmp_path, pki, mdm_settings(mdm, tls, tmp_path), [device()])
-    old = issued(pki).cert
+    old = pki.issued().cert
     pki.ca.renew(["alice-phone"])
     pki.ca.revoke("alice-phone", serial=old.serial)
     plugin.certwarden_revoked(event=CertificateRevoked(cert=old))
@@ -296,7 +282,7 @@ def test_a_certificate_revoked_before_its_delivery_is_not_installed(
     tmp_path: Path, pki: PKI, tls: TestTLS, mdm: MDMServer
 ) -> None:
     plugin = configure(tmp_path, pki, mdm_settings(mdm, tls, tmp_path), [device()])
-    event = issued(pki)
+    event = pki.issued()
     pki.ca.revoke("alice-phone")
     plugin.certwarden_issued(event=event)  # a retry after the revocation
     assert mdm.seen == []
@@ -308,9 +294,9 @@ def test_profile_back_ends_skip_devices_without_mdm_id_or_apple_platform(
     no_mdm = {"name": "carol-phone", "owner": "carol@example.com", "platform": "ios"}
     devices = [device("bob-pc", "windows"), no_mdm]
     plugin = configure(tmp_path, pki, mdm_settings(mdm, tls, tmp_path), devices)
-    plugin.certwarden_issued(event=issued(pki, "bob-pc"))
-    plugin.certwarden_issued(event=issued(pki, "carol-phone"))
-    plugin.certwarden_issued(event=issued(pki, "unlisted"))
+    plugin.certwarden_issued(event=pki.issued("bob-pc"))
+    plugin.certwarden_issued(event=pki.issued("carol-phone"))
+    plugin.certwarden_issued(event=pki.issued("unlisted"))
     assert mdm.seen == []
 
 
@@ -322,7 +308,7 @@ def test_micromdm_gets_json_with_a_base64_profile(
 ) -> None:
     settings = mdm_settings(mdm, tls, tmp_path, backend="micromdm")
     plugin = configure(tmp_path, pki, settings, [device(platform="macos")])
-    event = issued(pki)
+    event = pki.issued()
     plugin.certwarden_issued(event=event)
     [request] = mdm.accepted
     assert (request.method, request.path) == ("POST", "/v1/commands")
@@ -347,7 +333,7 @@ def test_micromdm_errors_fail_the_delivery(
     plugin = configure(tmp_path, pki, settings, [device()])
     mdm.fail_next("command_error")
     with pytest.raises(MDMFailed, match="HTTP 400\\): udid not enrolled"):
-        plugin.certwarden_issued(event=issued(pki))
+        plugin.certwarden_issued(event=pki.issued())
 
 
 # ---- webhook ------------------------------------------------------------------------------------
@@ -358,9 +344,9 @@ def test_webhook_gets_signed_json_with_the_bundle_for_any_platform(
 ) -> None:
     settings = mdm_settings(mdm, tls, tmp_path, backend="webhook")
     plugin = configure(tmp_path, pki, settings, [device(), device("bob-tab", "android")])
-    phone = issued(pki)
+    phone = pki.issued()
     plugin.certwarden_issued(event=phone)
-    plugin.certwarden_issued(event=issued(pki, "bob-tab"))
+    plugin.certwarden_issued(event=pki.issued("bob-tab"))
     ios_request, android_request = mdm.accepted
     for request in mdm.accepted:
         expected = hmac.new(mdm.webhook_secret, request.body, hashlib.sha256).hexdigest()
@@ -396,7 +382,7 @@ def test_webhook_refusal_fails_without_quoting_the_password(
     settings["webhook_secret_file"] = secret_file(tmp_path / "wrong", "wrong-secret")
     plugin = configure(tmp_path, pki, settings, [device("bob-tab", "android")])
     with pytest.raises(MDMFailed, match="webhook issued for bob-tab refused \\(HTTP 401"):
-        plugin.certwarden_issued(event=issued(pki, "bob-tab"))
+        plugin.certwarden_issued(event=pki.issued("bob-tab"))
 
 
 # ---- configuration ------------------------------------------------------------------------------
